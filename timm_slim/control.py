@@ -1,0 +1,142 @@
+"""Width control of a supernet: ``set_width``, ``get_width``, ``use_width``, ``calibrate_bn``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .convert import SlimState, slim_layers
+from .layers import SWITCHABLE, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .width import Width, format_width, stage_widths, width_key
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The supernet inside DDP / accelerate / torch.compile wrappers."""
+    while not hasattr(model, 'slim'):
+        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
+        if inner is None:
+            raise TypeError(f'{type(model).__name__} is not a slimmable model; '
+                            f'make one with timm_slim.slimmify(model) or timm.create_model("<name>_slim")')
+        model = inner
+    return model
+
+
+def slim_state(model: nn.Module) -> SlimState:
+    return unwrap(model).slim
+
+
+def set_width(model: nn.Module, width: Width) -> Width:
+    """Run the supernet at ``width`` from now on; return the validated width.
+
+    ``width`` is a float (uniform) or a sequence with one float per stage.
+    """
+    model = unwrap(model)
+    state: SlimState = model.slim
+    width = state.check(width)
+    counts = state.counts(width)
+    widths = stage_widths(width, state.num_stages)
+    graph = state.graph
+    for name, layer in slim_layers(model):
+        if isinstance(layer, SlimBatchNorm2d):
+            channels = counts[graph.norm_group[name]]
+            layer.active_channels = channels
+            if state.bn == SWITCHABLE:
+                stage_width = widths[graph.stage_of[name]]
+                layer.private_key = None if stage_width == 1.0 else width_key(stage_width)
+                layer.is_full = layer.private_key is None
+                if layer.private_key is not None and layer.private[layer.private_key].num_features != channels:
+                    raise ValueError(
+                        f'width {format_width(width)} gives {name} {channels} channels, but its private BN for '
+                        f'stage width {stage_width:g} has {layer.private[layer.private_key].num_features}')
+            else:
+                layer.is_full = width == 1.0
+                layer.width_key = width_key(width)
+                layer.width_label = format_width(width)
+        elif isinstance(layer, (SlimConv2d, SlimLinear)):
+            out = counts[graph.layer_out[name]]
+            layer.out_active = None if out == (layer.out_channels if isinstance(layer, SlimConv2d)
+                                               else layer.out_features) else out
+    state.width = width
+    return width
+
+
+def get_width(model: nn.Module) -> Width:
+    """The width the supernet runs at now."""
+    return slim_state(model).width
+
+
+@contextlib.contextmanager
+def use_width(model: nn.Module, width: Width) -> Iterator[Width]:
+    """Run at ``width`` inside the block and restore the previous width on exit (errors too)."""
+    previous = get_width(model)
+    try:
+        yield set_width(model, width)
+    finally:
+        set_width(model, previous)
+
+
+def _norms(model: nn.Module) -> list:
+    return [layer for _, layer in slim_layers(unwrap(model)) if isinstance(layer, SlimBatchNorm2d)]
+
+
+@torch.no_grad()
+def calibrate_bn(
+        model: nn.Module,
+        loader: Iterable,
+        widths: Optional[Iterable[Width]] = None,
+        num_images: int = 2000,
+) -> None:
+    """Compute exact BatchNorm statistics for each width from up to ``num_images`` images.
+
+    The statistics are cumulative over all images seen (mean and unbiased variance over every
+    pixel, not a running average), as US-Net prescribes after training. Works for both BN kinds.
+    The model's train/eval state and width are restored afterwards.
+
+    Args:
+        model: a supernet (or a DDP/accelerate wrapper of one).
+        loader: yields tensors or (input, target, ...) tuples.
+        widths: widths to calibrate (uniform or per-stage); default: the current width.
+        num_images: images per width (the last batch is cut to fit).
+    """
+    if num_images < 1:
+        raise ValueError(f'num_images must be a positive integer, got {num_images!r}')
+    net = unwrap(model)
+    widths = [get_width(net)] if widths is None else list(widths)
+    checked = [net.slim.check(w) for w in widths]
+    modes = {m: m.training for m in net.modules()}
+    device = next(net.parameters()).device
+    net.eval()
+    try:
+        for width in checked:
+            with use_width(net, width):
+                norms = _norms(net)
+                for norm in norms:
+                    norm.start_calibration()
+                seen = 0
+                for batch in loader:
+                    images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    images = images[:num_images - seen].to(device)
+                    net(images)
+                    seen += images.shape[0]
+                    if seen >= num_images:
+                        break
+                if seen == 0:
+                    raise ValueError('calibrate_bn: the loader yielded no images')
+                for norm in norms:
+                    norm.finish_calibration()
+    finally:
+        for norm in _norms(net):
+            norm._moments = None
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def calibrated_widths(model: nn.Module) -> list:
+    """Width keys with stored statistics (US-Net); full width always counts as calibrated."""
+    norms = _norms(model)
+    if not norms or norms[0].kind == SWITCHABLE:
+        return []
+    return sorted(set.intersection(*(set(n.calib.keys()) for n in norms)))

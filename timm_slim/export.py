@@ -1,0 +1,186 @@
+"""Export a width of a supernet as a plain timm model, and save/load it as safetensors.
+
+``export`` is a walk over the supernet that swaps every slim layer for its plain torch/timm
+twin at the active width (``layer.twin()``), done with ``copy.deepcopy``'s memo so the full
+weights are never copied. The result is the same timm class (ResNet, EfficientNet, ...) with
+ordinary layers, so ``torch.onnx.export``, ``torch.jit.trace`` and timm's own tools work on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .control import get_width, unwrap, use_width
+from .convert import slim_layers
+from .layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .width import Width, format_width
+
+FORMAT_KEY = 'timm_slim'
+FORMAT_VERSION = 1
+
+
+def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
+    """A plain timm model of ``width`` (default: the current width) with the supernet's weights.
+
+    Only torch/timm modules are left; its output equals the supernet's at that width. A US-Net
+    width must be calibrated first (``calibrate_bn``) so the exported BatchNorm statistics are
+    right; the supernet itself is left unchanged.
+    """
+    net = unwrap(model)
+    state = net.slim
+    with use_width(net, get_width(net) if width is None else width) as active:
+        counts = state.counts(active)
+        memo: Dict[int, Any] = {id(state): None}
+        for name, layer in slim_layers(net):
+            if isinstance(layer, SlimBatchNorm2d):
+                memo[id(layer)] = layer.twin()
+            else:
+                memo[id(layer)] = layer.twin(state.layer_io(name, counts)[0])
+        plain = copy.deepcopy(net, memo)
+    del plain.slim
+    _fix_head_attributes(plain, net, counts)
+    plain.train(net.training)
+    return plain
+
+
+def _fix_head_attributes(plain: nn.Module, net: nn.Module, counts: Dict[int, int]) -> None:
+    """Keep timm's bookkeeping (num_features, head_hidden_size, feature_info) true to the width."""
+    graph = net.slim.graph
+    classifier = net.get_classifier()
+    classifier_name = next(n for n, m in net.named_modules() if m is classifier)
+    if hasattr(plain, 'num_features') and graph.features_group in counts:
+        plain.num_features = counts[graph.features_group]
+    if hasattr(plain, 'head_hidden_size'):
+        plain.head_hidden_size = net.slim.layer_io(classifier_name, counts)[0]
+    for info in getattr(plain, 'feature_info', None) or []:
+        group = graph.module_out.get(info.get('module', ''))
+        if group in counts:
+            info['num_chs'] = counts[group]
+
+
+def channel_table(model: nn.Module, width: Optional[Width] = None) -> Dict[str, list]:
+    """``{layer name: [in, out]}`` for every conv/linear and ``{bn name: [channels]}`` at a width."""
+    net = unwrap(model)
+    state = net.slim
+    counts = state.counts(state.check(get_width(net) if width is None else width))
+    table = {}
+    for name, layer in slim_layers(net):
+        if isinstance(layer, (SlimConv2d, SlimLinear)):
+            table[name] = list(state.layer_io(name, counts))
+        else:
+            table[name] = [counts[state.graph.norm_group[name]]]
+    return table
+
+
+def _atomic_save(tensors: Dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: Dict[str, str]) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so nothing is ever half-written."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=directory)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
+    state = net.slim
+    info = {
+        'version': FORMAT_VERSION,
+        'architecture': state.architecture,
+        'num_classes': net.num_classes,
+        'model_args': _model_args(net),
+        **extra,
+    }
+    return {'format': 'pt', FORMAT_KEY: json.dumps(info)}
+
+
+def _model_args(net: nn.Module) -> Dict[str, Any]:
+    """The base model's constructor arguments that survive JSON (timm records them)."""
+    args = {}
+    for key, value in (getattr(net, '_model_args', None) or {}).items():
+        if key in ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay'):
+            continue
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        args[key] = value
+    return args
+
+
+def save_width(model: nn.Module, width: Width, path: Union[str, os.PathLike]) -> None:
+    """Write the plain model of ``width`` to ``path`` (safetensors; JSON header with the
+    architecture, the width and its channel table). Written atomically."""
+    net = unwrap(model)
+    plain = export(net, width)
+    checked = net.slim.check(width)
+    header = _header(net, kind='width', width=list(checked) if isinstance(checked, tuple) else checked,
+                     channels=channel_table(net, checked))
+    _atomic_save(plain.state_dict(), path, header)
+
+
+def save_supernet(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the whole supernet (all widths, calibrated statistics) to ``path``, atomically."""
+    net = unwrap(model)
+    state = net.slim
+    header = _header(net, kind='supernet', bn=state.bn, **state.space.to_dict())
+    _atomic_save(net.state_dict(), path, header)
+
+
+def read_header(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The timm_slim header of a file written by ``save_width`` or ``save_supernet``."""
+    with safe_open(os.fspath(path), framework='pt') as handle:
+        metadata = handle.metadata() or {}
+    if FORMAT_KEY not in metadata:
+        raise ValueError(f'{os.fspath(path)} is not a timm_slim file (no "{FORMAT_KEY}" header)')
+    return json.loads(metadata[FORMAT_KEY])
+
+
+def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """Load a file written by ``save_width`` (a plain timm model) or ``save_supernet``."""
+    import timm
+
+    from .convert import slimmify
+
+    header = read_header(path)
+    architecture = header.get('architecture')
+    if not architecture or not timm.is_model(architecture):
+        raise ValueError(f'{os.fspath(path)}: unknown architecture {architecture!r}')
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.fspath(path), device=str(device))
+    with torch.device('meta'):
+        base = timm.create_model(architecture, num_classes=header['num_classes'], **header.get('model_args', {}))
+    if header.get('kind') == 'supernet':
+        space = {'widths': header['widths']} if 'widths' in header else {'width_range': header['width_range']}
+        net = slimmify(base, bn=header['bn'], **space)
+        net.to_empty(device=device)
+        net.load_state_dict(tensors, strict=True)
+        return net
+    width = header['width']
+    width = tuple(width) if isinstance(width, list) else width
+    # A meta-device S-Net over the stored width(s) has exactly the layers of the file; its
+    # private BatchNorms stand in for the statistics the file holds.
+    net = slimmify(base, widths=sorted(set(width if isinstance(width, tuple) else (width,)) | {1.0}))
+    if channel_table(net, width) != header['channels']:
+        raise ValueError(f'{os.fspath(path)}: its channel table does not match {architecture} at width '
+                         f'{format_width(width)} (written by another version or rule)')
+    plain = export(net, width)
+    plain.to_empty(device=device)
+    plain.load_state_dict(tensors, strict=True)
+    return plain

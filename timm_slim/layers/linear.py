@@ -1,0 +1,43 @@
+"""Slimmable linear layer: reads its input features from the tensor, slices its weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import SliceCache
+
+
+class SlimLinear(nn.Linear):
+    """``nn.Linear`` on a leading slice of its input (and, unless it is the classifier, output)."""
+
+    out_active: Optional[int]
+
+    @classmethod
+    def convert(cls, linear: nn.Linear) -> SlimLinear:
+        """Turn ``linear`` into a slim layer in place: same parameters, same state-dict keys."""
+        twin_cls = type(linear)
+        linear.__class__ = cls
+        linear._twin_cls = twin_cls
+        linear.out_active = None
+        linear._cache = SliceCache()
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.out_features if self.out_active is None else self.out_active
+        weight, bias = self._cache.get(self, out, x.shape[-1])
+        return F.linear(x, weight, bias)
+
+    def twin(self, in_features: int) -> nn.Linear:
+        """A plain ``nn.Linear`` of the active width holding a copy of the sliced weights."""
+        out = self.out_features if self.out_active is None else self.out_active
+        with torch.device('meta'):
+            plain = self._twin_cls(in_features, out, bias=self.bias is not None)
+        plain.weight = nn.Parameter(self.weight[:out, :in_features].detach().clone(),
+                                    requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            plain.bias = nn.Parameter(self.bias[:out].detach().clone(), requires_grad=self.bias.requires_grad)
+        return plain

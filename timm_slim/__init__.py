@@ -7,11 +7,12 @@ from .channels import UnsupportedModelError
 from .control import calibrate_bn, get_width, set_width, unwrap, use_width
 from .convert import slimmify
 from .export import channel_table, export, load, read_header, save_supernet, save_width
+from .models import SLIM_MODELS
 from .width import WidthSpace
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'UnsupportedModelError', 'WidthSpace', 'calibrate_bn', 'channel_table', 'export', 'get_width', 'load',
+    'SLIM_MODELS', 'UnsupportedModelError', 'WidthSpace', 'calibrate_bn', 'channel_table', 'export', 'get_width', 'load',
     'read_header', 'save_supernet', 'save_width', 'set_width', 'slimmify', 'unwrap', 'use_width',
 ]

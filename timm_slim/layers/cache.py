@@ -17,7 +17,7 @@ import torch.nn as nn
 
 
 def _contiguous_like(view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    if full.dim() == 4 and full.is_contiguous(memory_format=torch.channels_last):
+    if full.dim() == 4 and not full.is_contiguous() and full.is_contiguous(memory_format=torch.channels_last):
         return view.contiguous(memory_format=torch.channels_last)
     return view.contiguous()
 

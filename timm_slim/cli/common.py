@@ -1,0 +1,48 @@
+"""Argument parsing shared by the verbs: widths, and models given by name or file."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch.nn as nn
+
+from . import CliError
+
+
+def parse_widths(text: str) -> List[float]:
+    """``0.25,0.5,1`` or ``low:high:step`` (inclusive) into a list of widths."""
+    try:
+        if ':' in text:
+            parts = [float(p) for p in text.split(':')]
+            if len(parts) != 3 or parts[2] <= 0 or parts[0] > parts[1]:
+                raise ValueError
+            low, high, step = parts
+            count = int(round((high - low) / step))
+            return [round(low + i * step, 6) for i in range(count + 1) if low + i * step <= high + 1e-9]
+        return [float(p) for p in text.split(',') if p.strip()]
+    except ValueError:
+        raise CliError(f'malformed --widths {text!r}: use a list like 0.25,0.5,1.0 or a range low:high:step '
+                       f'like 0.25:1.0:0.05') from None
+
+
+def load_model(spec: str, num_classes: Optional[int] = None, width_range: Optional[List[float]] = None) -> nn.Module:
+    """A supernet from a ``*_slim`` name, any supported timm name (converted on the fly), or a
+    file written by ``save_supernet`` / ``save_width``."""
+    import timm
+
+    import timm_slim
+
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    if os.path.exists(spec):
+        return timm_slim.load(spec)
+    if spec.endswith('.safetensors'):
+        raise CliError(f'file not found: {spec}')
+    if not timm.is_model(spec):
+        raise CliError(f'unknown model {spec!r}: give a *_slim name (timm-slim list), a timm ResNet/MobileNet/'
+                       f'EfficientNet name, or a .safetensors file')
+    if spec.endswith('_slim'):
+        if width_range:
+            kwargs['width_range'] = width_range
+        return timm.create_model(spec, **kwargs)
+    return timm_slim.slimmify(timm.create_model(spec, **kwargs), width_range=width_range)

@@ -13,6 +13,19 @@ from .width import WidthSpace
 __version__ = '0.1.0'
 
 __all__ = [
-    'SLIM_MODELS', 'UnsupportedModelError', 'WidthSpace', 'calibrate_bn', 'channel_table', 'export', 'get_width', 'load',
-    'read_header', 'save_supernet', 'save_width', 'set_width', 'slimmify', 'unwrap', 'use_width',
+    'SLIM_MODELS',
+    'UnsupportedModelError',
+    'WidthSpace',
+    'calibrate_bn',
+    'channel_table',
+    'export',
+    'get_width',
+    'load',
+    'read_header',
+    'save_supernet',
+    'save_width',
+    'set_width',
+    'slimmify',
+    'unwrap',
+    'use_width',
 ]

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         values = [float(v) for v in args.width.split(',')]
     except ValueError:
-        raise CliError(f'malformed --width {args.width!r}: a number like 0.5 or one per stage: 0.25,0.5,0.75,1') from None
+        raise CliError(f'malformed --width {args.width!r}: a number like 0.5, '
+                       f'or one per stage: 0.25,0.5,0.75,1') from None
     width = values[0] if len(values) == 1 else tuple(values)
     model = load_model(args.model, num_classes=args.num_classes)
     if not hasattr(model, 'slim'):

@@ -165,7 +165,7 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu'
 
     tensors = load_file(os.fspath(path), device=str(device))
     with torch.device('meta'):
-        base = timm.create_model(architecture, num_classes=header['num_classes'], **header.get('model_args', {}))
+        base = timm.create_model(architecture, **{**header.get('model_args', {}), 'num_classes': header['num_classes']})
     if header.get('kind') == 'supernet':
         space = {'widths': header['widths']} if 'widths' in header else {'width_range': header['width_range']}
         net = slimmify(base, bn=header['bn'], **space)

@@ -33,7 +33,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CliError, ValueError, FileNotFoundError, RuntimeError, TypeError) as error:
         print(f'timm-slim {args.verb}: error: {error}', file=sys.stderr)
         return 2
-
-
-if __name__ == '__main__':
-    sys.exit(main())

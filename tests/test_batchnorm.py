@@ -1,0 +1,124 @@
+"""Switchable (S-Net) and universal (US-Net) BatchNorm, and exact calibration."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+
+import timm_slim
+from timm_slim.layers import SlimBatchNorm2d
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def test_switchable_bn_keeps_private_state_per_width():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=4, widths=WIDTHS)
+    bn = model.layer2[0].bn1
+    assert set(bn.private.keys()) == {'0_25', '0_5', '0_75'}
+    assert bn.private['0_5'].num_features == 64  # 128 * 0.5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for step in range(2):
+        optimizer.zero_grad()
+        for width in WIDTHS:
+            timm_slim.set_width(model, width)
+            model(torch.randn(4, 3, 32, 32) * (1 + step)).logsumexp(1).mean().backward()
+        optimizer.step()
+    private = {key: (b.weight.detach().clone(), b.running_mean.clone()) for key, b in bn.private.items()}
+    shared = (bn.weight.detach().clone(), bn.running_mean.clone())
+    # every width's state moved away from its initial slice, and all differ from each other
+    for key, (weight, mean) in private.items():
+        channels = weight.numel()
+        assert (weight - shared[0][:channels]).abs().max() > 1e-4, key
+        assert (mean - shared[1][:channels]).abs().max() > 1e-4, key
+    assert (private['0_25'][1] - private['0_5'][1][:32]).abs().max() > 1e-4
+    # a step at one width leaves the other widths' BN untouched
+    timm_slim.set_width(model, 0.5)
+    optimizer.zero_grad()
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    optimizer.step()
+    assert torch.equal(bn.private['0_25'].running_mean, private['0_25'][1])
+    assert torch.equal(bn.running_mean, shared[1])
+    assert not torch.equal(bn.private['0_5'].running_mean, private['0_5'][1])
+    # eval mode at each width uses that width's statistics: export carries them
+    model.eval()
+    plain = timm_slim.export(model, 0.25)
+    assert torch.equal(plain.layer2[0].bn1.running_mean, bn.private['0_25'].running_mean)
+
+
+def test_universal_bn_calibration_equals_one_plain_batchnorm_pass():
+    """calibrate_bn gives the statistics one pass of a plain BatchNorm computes over the same data."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_100_slim', num_classes=4)
+    data = torch.randn(24, 3, 32, 32)
+    timm_slim.calibrate_bn(model, [data], widths=[0.5], num_images=24)
+    plain = timm_slim.export(model, 0.5)
+    # Reference: the exported model with every BN reset and run once in train mode over the
+    # same batch with momentum 1.0 (so its running stats are that batch's statistics).
+    reference = timm_slim.export(model, 0.5)
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = 1.0
+    reference.train()
+    with torch.no_grad():
+        reference(data)
+    pairs = [(a, b) for a, b in zip(plain.modules(), reference.modules()) if isinstance(a, nn.BatchNorm2d)]
+    assert len(pairs) > 40
+    for calibrated, one_pass in pairs:
+        assert (calibrated.running_mean - one_pass.running_mean).abs().max() < 1e-5
+        assert (calibrated.running_var - one_pass.running_var).abs().max() < 1e-5 * (1 + one_pass.running_var.max())
+
+
+def test_calibration_respects_num_images_and_restores_state():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=4)
+    data = torch.randn(16, 3, 32, 32)
+    model.train()
+    timm_slim.set_width(model, 0.75)
+    timm_slim.calibrate_bn(model, [data[:8], data[8:]], widths=[0.5, (0.25, 0.5, 0.75, 1.0)], num_images=5)
+    assert model.training and timm_slim.get_width(model) == 0.75
+    single = timm.create_model('resnet18_slim', num_classes=4)
+    single.load_state_dict(model.state_dict())
+    timm_slim.calibrate_bn(single, [data[:5]], widths=[0.5])
+    bn_a, bn_b = model.layer3[0].bn2, single.layer3[0].bn2
+    assert torch.allclose(bn_a.calib.get('0_5')[0], bn_b.calib.get('0_5')[0], atol=1e-6)
+    assert bn_a.calib.get('0_25-0_5-0_75-1') is not None
+
+
+def test_training_forward_invalidates_calibration():
+    model = timm.create_model('resnet18_slim', num_classes=4)
+    timm_slim.calibrate_bn(model, [torch.randn(4, 3, 32, 32)], widths=[0.5])
+    norms = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    assert all(n.calib.get('0_5') is not None for n in norms)
+    model.train()
+    with timm_slim.use_width(model, 0.5):
+        model(torch.randn(2, 3, 32, 32))
+    assert all(n.calib.get('0_5') is None for n in norms)
+
+
+def test_batchnormact_keeps_activation_and_drop():
+    model = timm.create_model('efficientnet_b0_slim', num_classes=4)
+    bn = model.bn1
+    assert isinstance(bn, SlimBatchNorm2d)
+    assert type(bn.act).__name__ == 'SiLU'
+    timm_slim.calibrate_bn(model, [torch.randn(2, 3, 32, 32)], widths=[0.5])
+    plain = timm_slim.export(model, 0.5)
+    assert type(plain.bn1).__name__ == 'BatchNormAct2d' and type(plain.bn1.act).__name__ == 'SiLU'
+    resnet = timm_slim.export(timm.create_model('resnet18_slim', num_classes=4), 1.0)
+    assert type(resnet.bn1) is nn.BatchNorm2d
+
+
+def test_calibration_is_cumulative_not_momentum():
+    """Over several batches the first BN's statistics are those of all images together."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=4)
+    data = torch.randn(24, 3, 32, 32)
+    timm_slim.calibrate_bn(model, [data[:8], data[8:16], data[16:]], widths=[0.5])
+    mean, var = model.bn1.calib.get('0_5')
+    with torch.no_grad(), timm_slim.use_width(model, 0.5):
+        features = model.conv1(data)
+    assert torch.allclose(mean, features.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(var, features.transpose(0, 1).flatten(1).var(1), atol=1e-5)

@@ -1,0 +1,144 @@
+"""Width control and invariant 5 (bad input fails loudly, naming the allowed values)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import timm_slim
+
+
+@pytest.fixture(scope='module')
+def usnet():
+    return timm.create_model('mobilenetv2_100_slim', num_classes=5, width_range=(0.35, 1.0))
+
+
+@pytest.fixture(scope='module')
+def snet():
+    return timm.create_model('resnet18_slim', num_classes=5, widths=(0.25, 0.5, 0.75, 1.0))
+
+
+def test_set_get_and_restore(usnet):
+    assert timm_slim.get_width(usnet) == 1.0
+    assert timm_slim.set_width(usnet, 0.5) == 0.5
+    assert timm_slim.get_width(usnet) == 0.5
+    with timm_slim.use_width(usnet, 0.35) as width:
+        assert width == 0.35 and timm_slim.get_width(usnet) == 0.35
+    assert timm_slim.get_width(usnet) == 0.5
+    with pytest.raises(ZeroDivisionError), timm_slim.use_width(usnet, 0.75):
+        raise ZeroDivisionError
+    assert timm_slim.get_width(usnet) == 0.5
+    timm_slim.set_width(usnet, 1.0)
+
+
+def test_create_model_width_kwarg_and_aliases():
+    model = timm.create_model('mobilenetv2_slim', width=0.75, num_classes=3)
+    assert timm_slim.get_width(model) == 0.75
+    assert model.slim.architecture == 'mobilenetv2_100'
+    assert timm.create_model('mobilenetv3_slim', num_classes=3).slim.architecture == 'mobilenetv3_large_100'
+    assert timm.create_model('efficientnet_slim', num_classes=3).slim.architecture == 'efficientnet_b0'
+    assert 'resnet50_slim' in timm.list_models('*_slim')
+
+
+def test_per_stage_configuration_normalises(usnet):
+    stages = usnet.slim.num_stages
+    assert stages == len(usnet.blocks) == 7
+    assert timm_slim.set_width(usnet, [0.5] * stages) == 0.5  # all equal: the uniform width
+    config = timm_slim.set_width(usnet, (0.35, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0))
+    assert config == (0.35, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0)
+    timm_slim.set_width(usnet, 1.0)
+
+
+@pytest.mark.parametrize('bad,words', [
+    (0, ['0', '[0.35, 1]']),
+    (-0.1, ['-0.1', '[0.35, 1]']),
+    (1.2, ['1.2', '[0.35, 1]']),
+    (float('nan'), ['nan', '[0.35, 1]']),
+    ('0.5', ["'0.5'", 'str']),
+    (True, ['True']),
+    ((0.5, 0.5), ['7 entries', '2']),
+    (None, ['None']),
+])
+def test_bad_widths_name_the_allowed_values(usnet, bad, words):
+    with pytest.raises(ValueError) as info:
+        timm_slim.set_width(usnet, bad)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert timm_slim.get_width(usnet) == 1.0  # nothing changed
+
+
+def test_snet_width_must_be_listed(snet):
+    with pytest.raises(ValueError, match=r'not in this S-Net.*\[0.25, 0.5, 0.75, 1\]'):
+        timm_slim.set_width(snet, 0.6)
+    assert timm_slim.set_width(snet, 0.5 + 1e-9) == 0.5
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({'width_range': (0.5, 0.5)}, '0 < low < high <= 1'),
+    ({'width_range': (0.0, 1.0)}, '(0, 1]'),
+    ({'width_range': (0.3, 1.5)}, '(0, 1]'),
+    ({'width_range': 0.5}, 'pair'),
+    ({'widths': []}, 'non-empty'),
+    ({'widths': (0.5, math.nan)}, '(0, 1]'),
+    ({'widths': (0.5, 1.0), 'width_range': (0.3, 1.0)}, 'not both'),
+    ({'bn': 'group'}, "['universal', 'switchable']"),
+    ({'width_range': (0.3, 1.0), 'bn': 'switchable'}, 'fixed list'),
+    ({'widht': 0.5}, 'unknown argument'),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        timm.create_model('resnet18_slim', num_classes=3, **kwargs)
+    assert message in str(info.value)
+
+
+def test_unknown_kwarg_lists_allowed_arguments():
+    with pytest.raises(ValueError) as info:
+        timm.create_model('resnet18_slim', widht=0.5)
+    assert 'width, widths, width_range, bn' in str(info.value) and 'num_classes' in str(info.value)
+
+
+@pytest.mark.parametrize('name,module', [
+    ('mixnet_s', 'blocks.1.0.conv_pw (MixedConv2d)'),
+    ('efficientnet_cc_b0_4e', 'blocks.4.0 (CondConvResidual)'),
+    ('resnet50_gn', 'bn1 (GroupNorm)'),
+    ('ecaresnet50d', 'layer1.0.se.conv (Conv1d)'),
+    ('vit_tiny_patch16_224', 'VisionTransformer'),
+])
+def test_unsupported_models_name_the_module(name, module):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    with pytest.raises(timm_slim.UnsupportedModelError) as info:
+        timm_slim.slimmify(model)
+    assert module in str(info.value)
+
+
+def test_unsupported_operation_is_named():
+    """A channel split that no layer declares is caught while tracing, naming the module."""
+
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :8], x[:, :8]], dim=1)
+
+    model = timm.create_model('resnet18', num_classes=3)
+    model.layer1[0].act2 = Split()
+    with pytest.raises(timm_slim.UnsupportedModelError, match=r'layer1\.0\.act2 \(Split\)'):
+        timm_slim.slimmify(model)
+
+
+def test_uncalibrated_usnet_width_in_eval_mode_raises(usnet):
+    usnet.eval()
+    with timm_slim.use_width(usnet, 0.5), pytest.raises(RuntimeError, match=r'calibrate_bn.*widths=\[0.5\]'):
+        usnet(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        assert usnet(torch.randn(1, 3, 32, 32)).shape == (1, 5)  # full width needs no calibration
+
+
+def test_not_a_supernet():
+    with pytest.raises(TypeError, match='slimmify'):
+        timm_slim.set_width(timm.create_model('resnet18'), 0.5)
+    model = timm.create_model('resnet18_slim')
+    with pytest.raises(timm_slim.UnsupportedModelError, match='already slimmable'):
+        timm_slim.slimmify(model)

@@ -13,18 +13,18 @@ import timm_slim
 from timm_slim.layers import SLIM_LAYERS
 
 FAMILY_MODELS = [
-    "resnet18",
-    "resnet50d",
-    "seresnet50",
-    "resnext50_32x4d",
-    "mobilenetv2_100",
-    "mobilenetv2_140",
-    "mobilenetv3_large_100",
-    "mobilenetv3_small_100",
-    "efficientnet_b0",
-    "tf_efficientnet_b0",
-    "mnasnet_100",
-    "lcnet_100",
+    'resnet18',
+    'resnet50d',
+    'seresnet50',
+    'resnext50_32x4d',
+    'mobilenetv2_100',
+    'mobilenetv2_140',
+    'mobilenetv3_large_100',
+    'mobilenetv3_small_100',
+    'efficientnet_b0',
+    'tf_efficientnet_b0',
+    'mnasnet_100',
+    'lcnet_100',
 ]
 QUARTERS = [0.25, 0.5, 0.75, 1.0]
 NUM_CLASSES = 7
@@ -49,7 +49,7 @@ def make_pair(name: str):
     return base, timm_slim.slimmify(twin)
 
 
-@pytest.mark.parametrize("name", FAMILY_MODELS)
+@pytest.mark.parametrize('name', FAMILY_MODELS)
 def test_full_width_equals_timm_model(name):
     """Invariant 1: same outputs at width 1.0 and every timm key with the same shape."""
     base, supernet = make_pair(name)
@@ -65,7 +65,7 @@ def test_full_width_equals_timm_model(name):
     assert not missing
 
 
-@pytest.mark.parametrize("name", FAMILY_MODELS)
+@pytest.mark.parametrize('name', FAMILY_MODELS)
 def test_export_equals_supernet(name):
     """Invariant 2: export(m, w) has only torch/timm modules and computes what the supernet does."""
     _, supernet = make_pair(name)
@@ -84,15 +84,15 @@ def test_export_equals_supernet(name):
 
 
 @pytest.mark.parametrize(
-    "base_name,width,native_name",
+    'base_name,width,native_name',
     [
-        ("mobilenetv2_100", 0.35, "mobilenetv2_035"),
-        ("mobilenetv2_100", 0.5, "mobilenetv2_050"),
-        ("mobilenetv2_100", 0.75, "mobilenetv2_075"),
-        ("mobilenetv3_large_100", 0.75, "mobilenetv3_large_075"),
-        ("mnasnet_100", 0.5, "mnasnet_050"),
-        ("lcnet_100", 0.5, "lcnet_050"),
-        ("mobilenetv3_small_100", 0.75, "mobilenetv3_small_075"),
+        ('mobilenetv2_100', 0.35, 'mobilenetv2_035'),
+        ('mobilenetv2_100', 0.5, 'mobilenetv2_050'),
+        ('mobilenetv2_100', 0.75, 'mobilenetv2_075'),
+        ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075'),
+        ('mnasnet_100', 0.5, 'mnasnet_050'),
+        ('lcnet_100', 0.5, 'lcnet_050'),
+        ('mobilenetv3_small_100', 0.75, 'mobilenetv3_small_075'),
     ],
 )
 def test_export_loads_strictly_into_timm_native_variant(base_name, width, native_name):
@@ -107,10 +107,10 @@ def test_export_loads_strictly_into_timm_native_variant(base_name, width, native
         assert (native(x) - plain(x)).abs().max().item() < 1e-5
     assert plain.num_features == native.num_features
     assert plain.head_hidden_size == native.head_hidden_size
-    assert [i["num_chs"] for i in plain.feature_info] == [i["num_chs"] for i in native.feature_info]
+    assert [i['num_chs'] for i in plain.feature_info] == [i['num_chs'] for i in native.feature_info]
 
 
-@pytest.mark.parametrize("name", FAMILY_MODELS)
+@pytest.mark.parametrize('name', FAMILY_MODELS)
 def test_coupled_channels_and_fixed_ends(name):
     """Invariant 4: at every width (quarters, random, per-stage) the forward runs, every tensor a
     layer sees matches the channel table, the input stays 3 channels and the logits NUM_CLASSES."""
@@ -146,7 +146,7 @@ def test_coupled_channels_and_fixed_ends(name):
             handle.remove()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "efficientnet_b0", "mobilenetv3_large_100"])
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenetv2_100', 'efficientnet_b0', 'mobilenetv3_large_100'])
 def test_channels_grow_with_width(name):
     """Wider never means fewer channels anywhere, and the narrowest width really is narrower."""
     _, supernet = make_pair(name)
@@ -160,22 +160,22 @@ def test_channels_grow_with_width(name):
 
 def test_mobilenetv2_140_narrow_widths_follow_timm_rule():
     """A supernet of mobilenetv2_140 at 0.5 has timm's channels for multiplier 0.7."""
-    _, supernet = make_pair("mobilenetv2_140")
+    _, supernet = make_pair('mobilenetv2_140')
     plain = timm_slim.export(supernet, 1.0)
     assert plain.conv_stem.out_channels == 48  # make_divisible(32 * 1.4)
     table = timm_slim.channel_table(supernet, 0.5)
-    assert table["conv_stem"] == [3, 24]  # make_divisible(32 * 0.7)
-    assert table["conv_head"][1] == 1280  # max(1280, round(1280 * 0.7))
+    assert table['conv_stem'] == [3, 24]  # make_divisible(32 * 0.7)
+    assert table['conv_head'][1] == 1280  # max(1280, round(1280 * 0.7))
 
 
 def test_export_is_a_plain_model_for_onnx_and_jit(tmp_path):
-    _, supernet = make_pair("mobilenetv3_large_100")
+    _, supernet = make_pair('mobilenetv3_large_100')
     timm_slim.calibrate_bn(supernet, calibration_batches(), widths=[0.5])
     plain = timm_slim.export(supernet, 0.5).eval()
     x = torch.randn(1, 3, 32, 32)
     traced = torch.jit.trace(plain, x)
     with torch.no_grad():
         assert (traced(x) - plain(x)).abs().max().item() < 1e-5
-    pytest.importorskip("onnx")
-    torch.onnx.export(plain, (x,), tmp_path / "model.onnx", dynamo=False)
-    assert (tmp_path / "model.onnx").stat().st_size > 10_000
+    pytest.importorskip('onnx')
+    torch.onnx.export(plain, (x,), tmp_path / 'model.onnx', dynamo=False)
+    assert (tmp_path / 'model.onnx').stat().st_size > 10_000

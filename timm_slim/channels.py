@@ -24,7 +24,7 @@ import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -418,11 +418,3 @@ class ChannelPlanner:
         if len(self._tables) > self.cache_size:
             self._tables.popitem(last=False)
         return counts
-
-
-def layer_channels(graph: ChannelGraph, counts: Dict[int, int], name: str,
-                   input_channels: int) -> Tuple[int, int]:
-    """(input, output) channels of conv/linear ``name`` under ``counts``."""
-    node_in = graph.layer_in[name]
-    return (input_channels if node_in is None else counts[node_in]), counts[graph.layer_out[name]]
-

@@ -13,6 +13,7 @@ timm's ``BatchNormAct2d`` keeps its dropout and activation.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -195,7 +196,7 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
                       track_running_stats=self.track_running_stats)
         if issubclass(self._twin_cls, BatchNormAct2d):
             plain = self._twin_cls(channels, apply_act=False, **kwargs)
-            plain.act, plain.drop = self.act, self.drop
+            plain.act, plain.drop = copy.deepcopy(self.act), copy.deepcopy(self.drop)
         else:
             plain = self._twin_cls(channels, **kwargs)
         plain = plain.to(device=self.running_mean.device, dtype=self.running_mean.dtype)

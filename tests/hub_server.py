@@ -42,7 +42,9 @@ endpoint fail *after* their LFS uploads have landed (a server dying in the middl
 ``hub.fail_mode`` picks how: ``"disconnect"`` (default) closes the connection without an answer,
 so the client raises ``httpx2.RemoteProtocolError``; ``"error"`` answers HTTP 500, so the client
 raises ``HfHubHTTPError``.  The commit call is not retried by huggingface_hub, so neither costs a
-back-off delay.
+back-off delay.  ``hub.tamper_downloads[path] = fn`` serves ``fn(stored bytes)`` for downloads of
+``path`` (a corrupted or truncated file; sizes consistent, ETag / LFS oid still the stored file's):
+what a client catches only by checking the sha256 it was promised.
 
 Run as a script (``python tests/hub_server.py --port 0``) it prints its URL on the first line of
 stdout and serves until killed, which is handy for subprocess tests (e.g. with ``HF_HUB_OFFLINE``).
@@ -798,24 +800,25 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {'X-Repo-Commit': commit.sha}
         if blob is None:
             raise _HttpError(404, 'Entry not found', code='EntryNotFound', headers=headers)
+        tamper = self.server.hub.tamper_downloads.get(path)
+        data = blob.data if tamper is None else tamper(blob.data)  # served bytes; ETags stay the stored file's
         headers.update({'ETag': f'"{blob.etag}"', 'Accept-Ranges': 'bytes'})
         if blob.lfs:
-            headers.update({'X-Linked-Etag': f'"{blob.sha256}"', 'X-Linked-Size': str(len(blob.data))})
-        byte_range = (
-            _parse_range(self.headers['Range'], len(blob.data)) if self.headers.get('Range') else None
-        )
+            headers.update({'X-Linked-Etag': f'"{blob.sha256}"', 'X-Linked-Size': str(len(data))})
+        byte_range = _parse_range(self.headers['Range'], len(data)) if self.headers.get('Range') else None
         if byte_range is None:
-            return self._send(200, blob.data, 'application/octet-stream', headers)
+            return self._send(200, data, 'application/octet-stream', headers)
         start, end = byte_range
-        headers['Content-Range'] = f'bytes {start}-{end - 1}/{len(blob.data)}'
-        return self._send(206, blob.data[start:end], 'application/octet-stream', headers)
+        headers['Content-Range'] = f'bytes {start}-{end - 1}/{len(data)}'
+        return self._send(206, data[start:end], 'application/octet-stream', headers)
 
 
 class HubServer:
     """In-memory Hub on ``http://127.0.0.1:<free port>``; a context manager that serves in a thread.
 
     Instrumentation for tests: :attr:`requests`, :meth:`reset_requests`, :meth:`files`,
-    :meth:`commits`; fault injection through :attr:`fail_next_commits` and :attr:`fail_mode`.
+    :meth:`commits`; fault injection through :attr:`fail_next_commits`, :attr:`fail_mode` and
+    :attr:`tamper_downloads`.
     """
 
     def __init__(
@@ -832,6 +835,9 @@ class HubServer:
         self.fail_next_commits = 0
         #: ``"disconnect"``: close the connection unanswered; ``"error"``: answer HTTP 500.
         self.fail_mode: FailMode = 'disconnect'
+        #: ``{path in repo: function of the stored bytes}``: downloads of that path (any repo, any
+        #: revision) serve what the function returns, sizes consistent, ETags still the stored file's.
+        self.tamper_downloads: dict[str, Callable[[bytes], bytes]] = {}
         self._port = port
         self._store = _Store()
         self._requests: list[tuple[str, str]] = []

@@ -7,6 +7,7 @@ from .channels import UnsupportedModelError
 from .control import calibrate_bn, get_width, set_width, unwrap, use_width
 from .convert import slimmify
 from .export import channel_table, export, load, read_header, save_supernet, save_width
+from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import SLIM_MODELS
 from .width import WidthSpace
 
@@ -21,7 +22,10 @@ __all__ = [
     'export',
     'get_width',
     'load',
+    'load_from_hub',
+    'push_to_hub',
     'read_header',
+    'save_for_hub',
     'save_supernet',
     'save_width',
     'set_width',

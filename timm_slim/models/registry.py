@@ -2,7 +2,9 @@
 
 ``timm.create_model('<base>_slim', width=..., widths=... | width_range=..., bn=..., **kwargs)``
 builds timm's ``<base>`` (``pretrained=True`` loads its timm weights, ``pretrained_cfg_overlay``
-and every other keyword reach it unchanged) and returns ``slimmify`` of it.
+and every other keyword reach it unchanged) and returns ``slimmify`` of it. From a timm_slim Hub
+repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published supernet, or with
+``width=`` the plain model of that width, downloading only that file (``timm_slim.hub``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optio
 def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
     def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, **kwargs):
         kwargs.pop('pretrained_model_args', None)
+        cfg = kwargs.get('pretrained_cfg')
+        if pretrained and isinstance(cfg, dict) and cfg.get('source') in ('hf-hub', 'local-dir'):
+            # 'hf-hub:org/repo' / 'local-dir:path' of a timm_slim repo: fetch only the file of `width`
+            # (a plain model of that width) or, without one, the supernet. See timm_slim.hub.
+            from ..hub import create_from_repo
+
+            return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
         try:
             base = timm.create_model(base_name, pretrained=pretrained, **kwargs)
         except TypeError as error:

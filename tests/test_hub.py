@@ -1,0 +1,434 @@
+"""Publishing and downloading per-width weights through the real huggingface_hub client and timm.
+
+Every test talks HTTP to ``tests/hub_server.py`` (a stdlib Hub on 127.0.0.1): uploads go through
+``HfApi.create_commit`` with LFS, downloads through ``hf_hub_download`` and timm's ``hf-hub:`` loader.
+The server's request log shows which files a load fetched.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from hub_server import HubServer, configure_hub_env
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, snapshot_download
+
+import timm_slim
+from timm_slim.cli import main as cli_main
+from timm_slim.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+from timm_slim.hub import CorruptFileError, HubError, width_filename
+from timm_slim.layers import SLIM_LAYERS
+
+# huggingface_hub itself passes a file object as `data=` to httpx2 for LFS uploads.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
+HERE = Path(__file__).resolve().parent
+NUM_CLASSES = 10
+US_WIDTHS = [0.35, 0.5, 1.0]
+ACCURACY = {0.35: 90.5, 0.5: 93.0, 1.0: 96.25}
+DIGITS_CFG = {'mean': DIGITS_MEAN, 'std': DIGITS_STD, 'input_size': (3, 32, 32), 'crop_pct': 1.0}
+
+
+def _digits_loader(count: int = 64, batch: int = 32) -> list:
+    """Real images for BatchNorm calibration: the built-in digits, normalised like the recipes."""
+    data = DigitsDataset('train')
+    mean, std = torch.tensor(DIGITS_MEAN).view(3, 1, 1), torch.tensor(DIGITS_STD).view(3, 1, 1)
+    images = torch.stack([(torch.from_numpy(np.asarray(data[i][0], dtype=np.float32) / 255.0).permute(2, 0, 1) - mean)
+                          / std for i in range(count)])
+    return [images[i:i + batch] for i in range(0, count, batch)]
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int) -> None:
+    """Trained-looking BatchNorm affine parameters, so that every width computes something different."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and module.affine:
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor, width=None) -> torch.Tensor:
+    with torch.no_grad():
+        if width is None:
+            return model.eval()(x)
+        with timm_slim.use_width(model, width):
+            return model.eval()(x)
+
+
+def _fetched(hub: HubServer) -> set:
+    """Repo files downloaded (HEAD or GET on /resolve/) since the last reset."""
+    return {path.split('/resolve/', 1)[1].split('/', 1)[1] for _, path in hub.requests if '/resolve/' in path}
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory) -> Iterator[HubServer]:
+    with HubServer() as server:
+        restore = configure_hub_env(server.url, tmp_path_factory.mktemp('hf-home'), token=server.token)
+        try:
+            yield server
+        finally:
+            restore()
+
+
+@pytest.fixture
+def fresh_cache(hub: HubServer, tmp_path: Path) -> Iterator[Path]:
+    """A new, empty huggingface_hub cache for one test: every load below really downloads."""
+    restore = configure_hub_env(hub.url, tmp_path / 'hf-home', token=hub.token)
+    hub.reset_requests()
+    try:
+        yield tmp_path / 'hf-home'
+    finally:
+        hub.tamper_downloads.clear()
+        restore()
+
+
+@pytest.fixture(scope='module')
+def x() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope='module')
+def usnet(hub: HubServer) -> torch.nn.Module:
+    """A US-Net mobilenetv2_100 published to user/usnet, its widths calibrated on real images by the push."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_100_slim', num_classes=NUM_CLASSES, width_range=(0.35, 1.0))
+    _randomise_bn(model, 0)
+    model.eval()
+    timm_slim.push_to_hub(model, 'user/usnet', widths=US_WIDTHS, calib_loader=_digits_loader(), accuracy=ACCURACY,
+                          pretrained_cfg_overlay=DIGITS_CFG, dataset='digits')
+    return model
+
+
+@pytest.fixture(scope='module')
+def snet(hub: HubServer) -> torch.nn.Module:
+    """An S-Net (switchable BN) published to user/snet with its own widths (the default)."""
+    torch.manual_seed(1)
+    model = timm.create_model('mobilenetv2_100_slim', num_classes=NUM_CLASSES, widths=(0.5, 1.0))
+    _randomise_bn(model, 1)
+    model.eval()
+    timm_slim.push_to_hub(model, 'user/snet', input_size=(3, 32, 32))
+    return model
+
+
+def test_push_is_one_commit_holding_every_width(hub: HubServer, usnet: torch.nn.Module) -> None:
+    files = hub.files('user/usnet')
+    assert len(hub.commits('user/usnet')) == 2  # the Hub's initial commit, then ONE commit for the push
+    assert set(files) == {'.gitattributes', 'config.json', 'README.md', 'accuracy_vs_macs.png', 'model.safetensors',
+                          *(width_filename(w) for w in US_WIDTHS)}
+    assert width_filename(0.5) == 'widths/width_0.5.safetensors' and width_filename(1) == 'widths/width_1.0.safetensors'
+    config = json.loads(files['config.json'])
+    assert config['architecture'] == 'mobilenetv2_100_slim'  # model.slim.architecture + '_slim'
+    assert config['num_classes'] == NUM_CLASSES
+    assert config['model_args'] == {'num_classes': NUM_CLASSES, 'width_range': [0.35, 1.0], 'bn': 'universal'}
+    cfg = config['pretrained_cfg']
+    assert cfg['hf_hub_id'] == 'user/usnet' and cfg['architecture'] == 'mobilenetv2_100'
+    assert cfg['mean'] == list(DIGITS_MEAN) and cfg['input_size'] == [3, 32, 32] and cfg['interpolation'] == 'bicubic'
+    slim = config['slim']
+    assert slim['kind'] == 'supernet' and slim['bn'] == 'universal' and slim['space'] == {'width_range': [0.35, 1.0]}
+    entries = slim['widths']
+    assert [e['width'] for e in entries] == US_WIDTHS
+    assert [e['accuracy'] for e in entries] == [ACCURACY[w] for w in US_WIDTHS]
+    for entry in entries + [slim['supernet']]:
+        data = files[entry['file']]
+        assert entry['sha256'] == hashlib.sha256(data).hexdigest() and entry['size'] == len(data)
+    # MACs and params per width: fvcore on timm's own narrow variants, where timm has one.
+    macs = [e['macs'] for e in entries]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)
+    assert [e['timm_architecture'] for e in entries] == ['mobilenetv2_035', 'mobilenetv2_050', 'mobilenetv2_100']
+    from fvcore.nn import FlopCountAnalysis
+
+    reference = timm.create_model('mobilenetv2_050', num_classes=NUM_CLASSES).eval()
+    analysis = FlopCountAnalysis(reference, torch.zeros(1, 3, 32, 32))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert entries[1]['macs'] == analysis.by_operator()['conv'] + analysis.by_operator()['linear']
+    assert entries[1]['params'] == sum(p.numel() for p in reference.parameters())
+
+
+def test_timm_loads_one_width_fetching_only_its_file(usnet, hub, fresh_cache, x) -> None:
+    for width in US_WIDTHS:
+        hub.reset_requests()
+        model = timm.create_model('hf-hub:user/usnet', pretrained=True, width=width).eval()
+        assert _fetched(hub) == {'config.json', width_filename(width)}
+        assert not any(isinstance(m, SLIM_LAYERS) for m in model.modules())  # a plain timm model
+        assert type(model).__name__ == 'EfficientNet' and tuple(model.pretrained_cfg['mean']) == DIGITS_MEAN
+        assert (_outputs(model, x) - _outputs(usnet, x, width)).abs().max().item() < 1e-5
+
+
+def test_supernet_loads_with_no_width(usnet, hub, fresh_cache, x) -> None:
+    supernet = timm.create_model('hf-hub:user/usnet', pretrained=True).eval()
+    assert _fetched(hub) == {'config.json', 'model.safetensors'}
+    assert supernet.slim.space == usnet.slim.space and supernet.slim.bn == 'universal'
+    for width in US_WIDTHS:  # the calibrated statistics travelled with the supernet
+        assert (_outputs(supernet, x, width) - _outputs(usnet, x, width)).abs().max().item() < 1e-5
+    hub.reset_requests()
+    again = timm_slim.load_from_hub('user/usnet', width=0.35)
+    assert _fetched(hub) == {'config.json', width_filename(0.35)}
+    assert (_outputs(again, x) - _outputs(usnet, x, 0.35)).abs().max().item() < 1e-5
+
+
+def test_model_card_metadata_table_plot_and_usage(usnet, hub) -> None:
+    files = hub.files('user/usnet')
+    text = files['README.md'].decode()
+    assert text.startswith('---\n')
+    metadata = yaml.safe_load(text.split('---\n')[1])
+    assert metadata['library_name'] == 'timm' and metadata['license'] == 'apache-2.0'
+    assert {'timm', 'timm_slim', 'slimmable', 'us-net'} <= set(metadata['tags'])
+    assert metadata['datasets'] == ['digits']
+    card = ModelCard(text)  # huggingface_hub's own parser agrees
+    assert card.data.library_name == 'timm' and 'slimmable' in card.data.tags
+    rows = [line for line in text.splitlines() if line.startswith('| ') and 'safetensors' in line]
+    assert [row.split('|')[1].strip() for row in rows] == ['0.35', '0.5', '1']
+    assert [float(row.split('|')[4]) for row in rows] == [ACCURACY[w] for w in US_WIDTHS]
+    assert '![Accuracy against MACs](accuracy_vs_macs.png)' in text
+    assert files['accuracy_vs_macs.png'].startswith(b'\x89PNG\r\n\x1a\n')
+    assert "timm.create_model('hf-hub:user/usnet', pretrained=True, width=0.35)" in text
+
+
+def test_plain_timm_loads_widths_with_a_native_name(usnet, hub, fresh_cache, x) -> None:
+    # The card's snippet: a width file of the supernet repo into timm's own mobilenetv2_050.
+    model = timm.create_model('mobilenetv2_050', pretrained=True, pretrained_cfg_overlay=dict(
+        hf_hub_id='user/usnet', hf_hub_filename=width_filename(0.5), num_classes=NUM_CLASSES)).eval()
+    assert (_outputs(model, x) - _outputs(usnet, x, 0.5)).abs().max().item() < 1e-5
+    # One width as its own repo: config.json names timm's architecture; plain timm loads it.
+    timm_slim.push_to_hub(usnet, 'user/usnet-050', width=0.5, pretrained_cfg_overlay=DIGITS_CFG)
+    config = json.loads(hub.files('user/usnet-050')['config.json'])
+    assert config['architecture'] == 'mobilenetv2_050' and config['slim']['kind'] == 'width'
+    assert {'config.json', 'model.safetensors', 'README.md'} <= set(hub.files('user/usnet-050'))
+    plain = timm.create_model('hf-hub:user/usnet-050', pretrained=True).eval()
+    assert type(plain).__name__ == 'EfficientNet' and tuple(plain.pretrained_cfg['mean']) == DIGITS_MEAN
+    assert (_outputs(plain, x) - _outputs(usnet, x, 0.5)).abs().max().item() < 1e-5
+    assert (_outputs(timm_slim.load_from_hub('user/usnet-050'), x) - _outputs(plain, x)).abs().max().item() == 0
+    # A width timm has no name for stays a *_slim repo that timm_slim loads.
+    width = (0.35, 0.35, 0.5, 0.5, 0.75, 1.0, 1.0)  # one entry per stage (block) of mobilenetv2
+    timm_slim.push_to_hub(usnet, 'user/usnet-stages', width=width, calib_loader=_digits_loader())
+    config = json.loads(hub.files('user/usnet-stages')['config.json'])
+    assert config['architecture'] == 'mobilenetv2_100_slim' and 'width_range' not in config['model_args']
+    model = timm.create_model('hf-hub:user/usnet-stages', pretrained=True).eval()
+    assert (_outputs(model, x) - _outputs(usnet, x, width)).abs().max().item() < 1e-5
+
+
+def test_width_not_in_repo_is_refused_with_the_widths_it_has(usnet, hub, fresh_cache) -> None:
+    with pytest.raises(ValueError, match=r'does not hold width 0\.75; it holds widths \[0\.35, 0\.5, 1\]'):
+        timm.create_model('hf-hub:user/usnet', pretrained=True, width=0.75)
+    with pytest.raises(ValueError, match=r'does not hold width 0\.6; it holds widths \[0\.35, 0\.5, 1\]'):
+        timm_slim.load_from_hub('user/usnet', width=0.6)
+    with pytest.raises(ValueError, match='finite number'):
+        timm_slim.load_from_hub('user/usnet', width=float('nan'))
+    with pytest.raises(ValueError, match='cannot be loaded with'):
+        timm.create_model('hf-hub:user/usnet', pretrained=True, width_range=(0.5, 1.0))
+    with pytest.raises(ValueError, match="cannot also apply drop_rate=0.3"):
+        timm.create_model('hf-hub:user/usnet', pretrained=True, drop_rate=0.3)
+    assert _fetched(hub) == {'config.json'}  # no weights were downloaded for any of these
+
+
+def test_usnet_push_without_statistics_is_refused(hub: HubServer) -> None:
+    model = timm.create_model('mobilenetv2_100_slim', num_classes=NUM_CLASSES, width_range=(0.35, 1.0))
+    hub.reset_requests()
+    with pytest.raises(ValueError, match=r'no BatchNorm statistics for width\(s\) 0\.35, 0\.5; pass calib_loader'):
+        timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[0.35, 0.5, 1.0])
+    with pytest.raises(ValueError, match=r'accuracy given for width 0\.75, which is not published'):
+        timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[1.0], accuracy={0.75: 90.0})
+    with pytest.raises(ValueError, match=r'is out of range; allowed: a number in \[0\.35, 1\]'):
+        timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[0.2])
+    assert hub.requests == []  # refused before anything was sent
+    with pytest.raises(KeyError):
+        hub.commits('user/uncalibrated')
+
+
+def test_snet_round_trip_and_local_folder(snet, hub, fresh_cache, x) -> None:
+    config = json.loads(hub.files('user/snet')['config.json'])
+    assert config['model_args']['widths'] == [0.5, 1.0] and config['slim']['bn'] == 'switchable'
+    assert 'macs_per_width.png' in hub.files('user/snet')  # no accuracy given: MACs against width
+    plain = timm_slim.load_from_hub('user/snet', width=0.5)
+    assert (_outputs(plain, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+    supernet = timm_slim.load_from_hub('user/snet')
+    assert supernet.slim.bn == 'switchable' and supernet.slim.space.choices == (0.5, 1.0)
+    for width in (0.5, 1.0):
+        assert (_outputs(supernet, x, width) - _outputs(snet, x, width)).abs().max().item() < 1e-5
+    # The same files in a folder load through timm's local-dir: source, no Hub involved.
+    folder = snapshot_download('user/snet')
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5).eval()
+    assert (_outputs(model, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+
+
+def test_repeated_push_makes_a_new_commit_and_old_revision_still_loads(snet, hub, fresh_cache, x) -> None:
+    changed = copy.deepcopy(snet)
+    _randomise_bn(changed, 7)
+    first = hub.commits('user/snet')[0]
+    info = timm_slim.push_to_hub(changed, 'user/snet', commit_message='retrained')
+    commits = hub.commits('user/snet')
+    assert commits[0] == info.oid and commits[1] == first
+    assert [c.title for c in HfApi().list_repo_commits('user/snet')][0] == 'retrained'
+    new = timm.create_model('hf-hub:user/snet', pretrained=True, width=0.5)
+    old = timm.create_model(f'hf-hub:user/snet@{first}', pretrained=True, width=0.5)
+    assert (_outputs(new, x) - _outputs(changed, x, 0.5)).abs().max().item() < 1e-5
+    assert (_outputs(old, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+    assert (_outputs(new, x) - _outputs(old, x)).abs().max().item() > 1e-3
+    old_supernet = timm_slim.load_from_hub('user/snet', revision=first)
+    assert (_outputs(old_supernet, x, 1.0) - _outputs(snet, x, 1.0)).abs().max().item() < 1e-5
+
+
+def test_server_dying_mid_upload_leaves_repo_at_previous_commit(snet, hub, fresh_cache, x) -> None:
+    before_commits, before_files = hub.commits('user/snet'), hub.files('user/snet')
+    assert width_filename(0.5) in before_files
+    changed = copy.deepcopy(snet)
+    _randomise_bn(changed, 11)
+    hub.fail_next_commits = 1  # the connection drops after the LFS uploads, before the commit lands
+    with pytest.raises(HubError, match='nothing was published: a push is one commit'):
+        timm_slim.push_to_hub(changed, 'user/snet', widths=[1.0])
+    assert any(method == 'PUT' for method, _ in hub.requests)  # it died after the weights were uploaded
+    assert hub.commits('user/snet') == before_commits and hub.files('user/snet') == before_files
+    model = timm.create_model('hf-hub:user/snet', pretrained=True, width=1.0)
+    assert (_outputs(model, x) - _outputs(changed, x, 1.0)).abs().max().item() > 1e-3
+    expected = timm_slim.load(timm_slim.hub.download_from_hub('user/snet', 1.0, revision=before_commits[0]))
+    assert (_outputs(model, x) - _outputs(expected, x)).abs().max().item() == 0
+    # Retried, it lands as one commit, which also deletes the width file no longer published.
+    info = timm_slim.push_to_hub(changed, 'user/snet', widths=[1.0])
+    assert hub.commits('user/snet') == [info.oid, *before_commits]
+    assert width_filename(0.5) not in hub.files('user/snet')
+    model = timm.create_model('hf-hub:user/snet', pretrained=True, width=1.0)
+    assert (_outputs(model, x) - _outputs(changed, x, 1.0)).abs().max().item() < 1e-5
+
+
+def test_wrong_token_and_missing_repo_give_clear_errors(snet, hub, fresh_cache, capsys) -> None:
+    with pytest.raises(HubError, match=r'refused the token \(401 Unauthorized\)') as error:
+        timm_slim.push_to_hub(snet, 'user/denied', token='hf_wrong_secret')
+    assert 'hf_wrong_secret' not in str(error.value)
+    with pytest.raises(KeyError):
+        hub.commits('user/denied')
+    with pytest.raises(HubError, match=r'cannot download from user/missing: no such repo'):
+        timm_slim.load_from_hub('user/missing', width=0.5)
+    assert cli_main(['pull', 'user/missing', '--width', '0.5']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no such repo' in err and 'Traceback' not in err
+    HfApi().create_repo('user/empty')
+    with pytest.raises(HubError, match='has no config.json: it is not a timm model repo'):
+        timm_slim.load_from_hub('user/empty')
+
+
+def test_corrupted_or_truncated_download_is_refused(usnet, hub, fresh_cache, x) -> None:
+    name = width_filename(0.5)
+
+    def flip(data: bytes) -> bytes:
+        return data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:]
+
+    hub.tamper_downloads[name] = flip  # same size, one byte changed, the LFS oid of the real file
+    with pytest.raises(CorruptFileError, match=r'sha256 [0-9a-f]{64} differs from the LFS oid'):
+        timm_slim.load_from_hub('user/usnet', width=0.5)
+    hub.tamper_downloads[name] = lambda data: data[: len(data) // 2]
+    with pytest.raises(CorruptFileError, match='truncated or corrupted'):
+        timm.create_model('hf-hub:user/usnet', pretrained=True, width=0.5)
+    hub.tamper_downloads.clear()
+    # The bad copies were removed from the cache: the next load downloads the good file.
+    model = timm_slim.load_from_hub('user/usnet', width=0.5)
+    assert (_outputs(model, x) - _outputs(usnet, x, 0.5)).abs().max().item() < 1e-5
+    # A cached file damaged on disk afterwards is caught too (no network involved in finding it).
+    cached = Path(timm_slim.hub.download_from_hub('user/usnet', 0.5)).resolve()
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match='removed from the cache'):
+        timm_slim.load_from_hub('user/usnet', width=0.5)
+    assert not cached.exists()
+
+
+def _repo_with_config(hub: HubServer, repo_id: str, edit) -> None:
+    config = json.loads(hub.files('user/usnet')['config.json'])
+    edit(config)
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_commit(repo_id, [CommitOperationAdd('config.json', json.dumps(config).encode())], commit_message='bad')
+
+
+@pytest.mark.parametrize(('edit', 'message'), [
+    (lambda c: c.update(architecture='resnet9000_slim'), "unknown architecture 'resnet9000_slim'"),
+    (lambda c: c['model_args'].update(width_range=[0.5, 1.0]), 'mismatched widths: model_args say a number in'),
+    (lambda c: c['slim']['widths'][0].update(width=0.2), r'mismatched widths: slim.widths lists 0.2'),
+    (lambda c: c['slim']['widths'][1].update(file='../../../etc/passwd'), 'expected .widths/width_0.5.safetensors'),
+    (lambda c: c['slim'].update(base_architecture='resnet50'), 'but slim.base_architecture'),
+    (lambda c: c.update(architecture='mobilenetv2_100'), 'names the plain timm architecture mobilenetv2_100'),
+])
+def test_bad_config_is_refused_before_any_weights_are_fetched(usnet, hub, fresh_cache, edit, message) -> None:
+    _repo_with_config(hub, 'user/bad', edit)
+    hub.reset_requests()
+    with pytest.raises(ValueError, match=message):
+        timm_slim.load_from_hub('user/bad', width=0.5)
+    assert _fetched(hub) == {'config.json'}
+
+
+def test_timm_refuses_bad_config_before_any_weights_are_fetched(usnet, hub, fresh_cache) -> None:
+    _repo_with_config(hub, 'user/bad-timm', lambda c: c['slim']['space'].update(width_range=[0.5, 1.0]))
+    hub.reset_requests()
+    with pytest.raises(ValueError, match='mismatched widths'):
+        timm.create_model('hf-hub:user/bad-timm', pretrained=True, width=0.5)
+    _repo_with_config(hub, 'user/bad-timm', lambda c: c.update(architecture='resnet9000_slim'))
+    with pytest.raises(RuntimeError, match=r'Unknown model \(resnet9000_slim\)'):  # timm's own refusal
+        timm.create_model('hf-hub:user/bad-timm', pretrained=True, width=0.5)
+    assert _fetched(hub) == {'config.json'}
+
+
+@pytest.mark.slow
+def test_fresh_offline_process_loads_from_cache(usnet, hub, fresh_cache, x, tmp_path) -> None:
+    timm_slim.push_to_hub(usnet, 'user/offline-050', width=0.5)
+    timm.create_model('hf-hub:user/usnet', pretrained=True, width=0.5)  # fills the cache
+    timm.create_model('hf-hub:user/offline-050', pretrained=True)
+    torch.save(x, tmp_path / 'x.pt')
+    script = textwrap.dedent(f"""
+        import json, sys
+        import timm, torch
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        plain = timm.create_model('hf-hub:user/offline-050', pretrained=True).eval()  # plain timm, no timm_slim
+        assert 'timm_slim' not in sys.modules
+        import timm_slim
+        width = timm.create_model('hf-hub:user/usnet', pretrained=True, width=0.5).eval()
+        with torch.no_grad():
+            print(json.dumps([plain(x).tolist(), width(x).tolist()]))
+    """)
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_ENDPOINT': 'http://127.0.0.1:9'}  # nothing to reach
+    env.pop('HF_TOKEN', None)
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr
+    plain, width = (torch.tensor(v) for v in json.loads(result.stdout.splitlines()[-1]))
+    expected = _outputs(usnet, x, 0.5)
+    assert (plain - expected).abs().max().item() < 1e-5 and (width - expected).abs().max().item() < 1e-5
+
+
+def test_cli_push_a_training_output_and_pull_one_width(snet, hub, fresh_cache, x, tmp_path, capsys) -> None:
+    run = tmp_path / 'run'
+    run.mkdir()
+    timm_slim.save_supernet(snet, run / 'supernet.safetensors')
+    rows = [{'width': 0.5, 'macs': 1, 'params': 1, 'top1': 91.5, 'top5': 99.0},
+            {'width': 1.0, 'macs': 2, 'params': 2, 'top1': 95.0, 'top5': 99.5}]
+    (run / 'results.json').write_text(json.dumps({'data': 'digits', 'input_size': [3, 32, 32], 'widths': rows}))
+    assert cli_main(['push', str(run), '--repo-id', 'user/cli', '-m', 'from a run']) == 0
+    assert capsys.readouterr().out.startswith(f'pushed {run / "supernet.safetensors"} to user/cli: commit ')
+    config = json.loads(hub.files('user/cli')['config.json'])
+    assert [e['accuracy'] for e in config['slim']['widths']] == [91.5, 95.0]
+    assert config['pretrained_cfg']['mean'] == list(DIGITS_MEAN) and config['pretrained_cfg']['crop_pct'] == 1.0
+    assert config['slim']['input_size'] == [3, 32, 32] and config['slim']['dataset'] == 'digits'
+
+    hub.reset_requests()
+    out = tmp_path / 'w050.safetensors'
+    assert cli_main(['pull', 'user/cli', '--width', '0.5', '-o', str(out)]) == 0
+    assert _fetched(hub) == {'config.json', width_filename(0.5)}
+    assert (_outputs(timm_slim.load(out), x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+    capsys.readouterr()
+    assert cli_main(['pull', 'user/cli', '--width', '0.75']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'it holds widths [0.5, 1]' in err
+    assert cli_main(['push', str(tmp_path / 'nowhere'), '--repo-id', 'user/cli']) == 2
+    assert 'no such file or folder' in capsys.readouterr().err

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .control import calibrate_bn, calibrated_widths, unwrap
-from .export import export, load, read_header, save_supernet, save_width
+from .export import _model_args, export, load, read_header, save_supernet, save_width
 from .layers import BN_KINDS, UNIVERSAL
 from .width import Width, WidthSpace, format_width, width_key
 
@@ -274,10 +274,10 @@ class _Plan:
         if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size) or size[0] != state.in_chans:
             raise ValueError(f'input_size must be (channels, height, width) with {state.in_chans} channels, '
                              f'got {input_size!r}')
-        if state.bn == UNIVERSAL:
-            _calibrate_missing(net, chosen, calib_loader)
         if dataset is not None and (not isinstance(dataset, str) or not dataset):
             raise ValueError(f'dataset must be a data set name, got {dataset!r}')
+        if state.bn == UNIVERSAL:  # last: the one step with a side effect (it adds statistics)
+            _calibrate_missing(net, chosen, calib_loader)
         return cls(chosen, width is not None, scores, size, data_cfg, license, dataset)
 
 
@@ -378,8 +378,6 @@ def _timm_twin(net: nn.Module, width: Width, plain: nn.Module) -> Optional[str]:
     name = f'{match.group(1)}_{round(int(match.group(2)) * width):03d}'
     if not timm.is_model(name):
         return None
-    from .export import _model_args  # the base's constructor arguments, as save_supernet records them
-
     try:
         native = timm.create_model(name, **{**_model_args(net), 'num_classes': net.num_classes})
         native.load_state_dict(plain.state_dict(), strict=True)

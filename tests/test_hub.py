@@ -389,6 +389,7 @@ def test_fresh_offline_process_loads_from_cache(usnet, hub, fresh_cache, x, tmp_
     script = textwrap.dedent(f"""
         import json, sys
         import timm, torch
+        torch.set_num_threads({torch.get_num_threads()})  # as in this process: the same summation order
         x = torch.load({str(tmp_path / 'x.pt')!r})
         plain = timm.create_model('hf-hub:user/offline-050', pretrained=True).eval()  # plain timm, no timm_slim
         assert 'timm_slim' not in sys.modules

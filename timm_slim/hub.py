@@ -449,6 +449,7 @@ def _plot(entries: List[Dict[str, Any]], directory: Path) -> str:
     axes.plot(xs, ys, 'o-', color='tab:blue')
     for x, y, w in zip(xs, ys, widths):
         axes.annotate(format_width(w), (x, y), textcoords='offset points', xytext=(4, -11), fontsize=8)
+    axes.margins(x=0.08, y=0.12)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(directory / name)

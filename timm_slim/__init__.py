@@ -1,23 +1,27 @@
 """timm_slim: slimmable (S-Net, US-Net, DS-Net) supernets from timm ResNet and MobileNet models.
 
-Importing the package registers the ``<base>_slim`` model names with timm.
+Importing the package registers the ``<base>_slim`` and ``<base>_ds`` model names with timm.
 """
 
 from .channels import UnsupportedModelError
 from .control import calibrate_bn, get_width, set_width, unwrap, use_width
 from .convert import slimmify
+from .dynamic import add_gates, calibrate_routes
 from .export import channel_table, export, load, read_header, save_supernet, save_width
 from .hub import load_from_hub, push_to_hub, save_for_hub
-from .models import SLIM_MODELS
+from .models import DS_MODELS, SLIM_MODELS
 from .width import WidthSpace
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'DS_MODELS',
     'SLIM_MODELS',
     'UnsupportedModelError',
     'WidthSpace',
+    'add_gates',
     'calibrate_bn',
+    'calibrate_routes',
     'channel_table',
     'export',
     'get_width',

@@ -31,8 +31,13 @@ def slim_state(model: nn.Module) -> SlimState:
 def set_width(model: nn.Module, width: Width) -> Width:
     """Run the supernet at ``width`` from now on; return the validated width.
 
-    ``width`` is a float (uniform) or a sequence with one float per stage.
+    ``width`` is a float (uniform) or a sequence with one float per stage; or ``'dynamic'`` for
+    a supernet with DS-Net gates (``timm_slim.add_gates``), whose gates then choose per input.
     """
+    if isinstance(width, str) and width == 'dynamic':
+        from .dynamic.routing import enable_dynamic
+
+        return enable_dynamic(model)
     model = unwrap(model)
     state: SlimState = model.slim
     width = state.check(width)

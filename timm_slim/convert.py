@@ -42,6 +42,8 @@ class SlimState:
     stages: Tuple[str, ...]
     width: Width
     in_chans: int
+    extras: Tuple[str, ...] = ()   # model attributes added by extensions (DS-Net gates); export drops them
+    export_blocker: Optional[str] = None   # why export cannot reproduce the model, if it cannot
 
     @property
     def num_stages(self) -> int:

@@ -37,9 +37,15 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
     """
     net = unwrap(model)
     state = net.slim
+    if state.export_blocker:
+        raise ValueError(f'cannot export this supernet as a plain timm model: {state.export_blocker}')
+    if width is None and not isinstance(get_width(net), (float, tuple)):
+        raise ValueError(f'the supernet runs in {get_width(net)!r} mode; pass the width to export, '
+                         f'{state.space.describe()} or one per stage')
     with use_width(net, get_width(net) if width is None else width) as active:
         counts = state.counts(active)
         memo: Dict[int, Any] = {id(state): None}
+        memo.update({id(getattr(net, name)): None for name in state.extras})
         for name, layer in slim_layers(net):
             if isinstance(layer, SlimBatchNorm2d):
                 memo[id(layer)] = layer.twin()
@@ -47,6 +53,8 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
                 memo[id(layer)] = layer.twin(state.layer_io(name, counts)[0])
         plain = copy.deepcopy(net, memo)
     del plain.slim
+    for name in state.extras:
+        delattr(plain, name)
     _fix_head_attributes(plain, net, counts)
     plain.train(net.training)
     return plain

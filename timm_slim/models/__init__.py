@@ -1,5 +1,5 @@
-"""timm model names of slimmable supernets (``<base>_slim``), registered on import."""
+"""timm model names of slimmable supernets (``<base>_slim``, ``<base>_ds``), registered on import."""
 
-from .registry import ALIASES, SLIM_MODELS, SLIM_SUFFIX, supported_base_models
+from .registry import ALIASES, DS_MODELS, DS_SUFFIX, SLIM_MODELS, SLIM_SUFFIX, supported_base_models
 
-__all__ = ['ALIASES', 'SLIM_MODELS', 'SLIM_SUFFIX', 'supported_base_models']
+__all__ = ['ALIASES', 'DS_MODELS', 'DS_SUFFIX', 'SLIM_MODELS', 'SLIM_SUFFIX', 'supported_base_models']

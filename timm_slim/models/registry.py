@@ -5,13 +5,15 @@ builds timm's ``<base>`` (``pretrained=True`` loads its timm weights, ``pretrain
 and every other keyword reach it unchanged) and returns ``slimmify`` of it. From a timm_slim Hub
 repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published supernet, or with
 ``width=`` the plain model of that width, downloading only that file (``timm_slim.hub``).
+``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
+``at``, ``fixed``, ``se``, ``tau``); ``width='dynamic'`` starts it in dynamic mode.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -20,6 +22,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from ..convert import slimmify
 
 SLIM_SUFFIX = '_slim'
+DS_SUFFIX = '_ds'
 SLIM_KWARGS = ('width', 'widths', 'width_range', 'bn')
 
 # timm modules whose models the converter handles, and the names in them it refuses
@@ -84,17 +87,48 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
     return create
 
 
-def _register_all() -> Dict[str, str]:
-    pairs = {f'{base}{SLIM_SUFFIX}': base for base in supported_base_models()}
+def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
+    slim = _entrypoint(ds_name, base_name)
+
+    def create(pretrained: bool = False, width=None, choices=None, at=None, fixed=None, se=None, tau=None,
+               **kwargs):
+        from ..control import set_width
+        from ..dynamic import add_gates
+
+        model = slim(pretrained=pretrained, **kwargs)
+        given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau)
+        add_gates(model, **{k: v for k, v in given.items() if v is not None})
+        if width is not None:
+            set_width(model, width)
+        return model
+
+    create.__name__ = ds_name
+    create.__qualname__ = ds_name
+    create.__module__ = __name__
+    create.__doc__ = (f'Slimmable {base_name} with DS-Net gates (see timm_slim.slimmify for the width arguments '
+                      f'and timm_slim.add_gates for choices, at, fixed, se, tau).')
+    return create
+
+
+def _register_all() -> Tuple[Dict[str, str], Dict[str, str]]:
+    bases = supported_base_models()
+    pairs = {f'{base}{SLIM_SUFFIX}': base for base in bases}
     pairs.update(ALIASES)
+    ds_pairs = {f'{base}{DS_SUFFIX}': base for base in bases}
     cfgs = {}
-    for slim_name, base in pairs.items():
+    for slim_name, base in {**pairs, **ds_pairs}.items():
         cfg = get_pretrained_cfg(base)
         cfgs[slim_name] = cfg.to_dict() if cfg is not None else {}
     globals()['default_cfgs'] = generate_default_cfgs(cfgs)
     for slim_name, base in pairs.items():
         register_model(_entrypoint(slim_name, base))
-    return pairs
+    for ds_name, base in ds_pairs.items():
+        register_model(_ds_entrypoint(ds_name, base))
+    return pairs, ds_pairs
 
 
-SLIM_MODELS: Dict[str, str] = _register_all()
+_SLIM_NAMES, _DS_NAMES = _register_all()
+SLIM_MODELS: Dict[str, str] = _SLIM_NAMES
+"""timm model names of slimmable supernets (``<base>_slim``), registered on import."""
+DS_MODELS: Dict[str, str] = _DS_NAMES
+"""timm model names of supernets with DS-Net gates (``<base>_ds``), registered on import."""

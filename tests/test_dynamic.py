@@ -1,0 +1,303 @@
+"""DS-Net (timm_slim.dynamic): gates, grouped inference with real slicing against per-input and
+masked computation, Stage II losses, Stage I/II training, bad input.
+
+Equality tests run in float64: an untrained network amplifies float32 rounding (batch size
+changes the conv kernels' summation order) far beyond 1e-5, which would hide nothing but noise;
+in float64 any routing mistake still shows as a difference of order one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import timm_slim
+from timm_slim.dynamic import add_gates, calibrate_routes, gate_parameters, masked_forward
+from timm_slim.dynamic.losses import choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
+
+IMAGE = (3, 32, 32)
+
+
+def _randomise_gates(model: nn.Module, seed: int = 0) -> None:
+    """Gates that send different inputs different ways (a fresh gate would pick one route)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates.values():
+            for fc in (gate.fc1, gate.fc2):
+                fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) * 8 / fc.in_features ** 0.5)
+                fc.bias.zero_()
+            if gate.se is not None:
+                gate.se.weight.copy_(torch.randn(gate.se.weight.shape, generator=generator) * 0.2)
+
+
+def _gated(name: str, dtype=torch.float64, calib: int = 8, **kwargs) -> nn.Module:
+    """A gated supernet with trained-looking BatchNorm statistics and every route calibrated."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).to(dtype)
+    _randomise_gates(model)
+    images = torch.randn(32, *IMAGE, dtype=dtype)
+    model.train()
+    with torch.no_grad():
+        model(images)    # full-width running statistics that are not the initial 0 / 1
+    model.eval()
+    calibrate_routes(model, [images[:calib]], num_images=calib)
+    return model
+
+
+@pytest.fixture(scope='module')
+def resnet():
+    return _gated('resnet18_ds')
+
+
+@pytest.fixture(scope='module')
+def mobilenet():
+    return _gated('mobilenetv2_100_ds', choices=(0.35, 0.5, 0.75, 1.0), at=(2, 4))
+
+
+def _inputs(dtype=torch.float64, n: int = 16) -> torch.Tensor:
+    return torch.randn(n, *IMAGE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+@pytest.mark.parametrize('family', ['resnet', 'mobilenet'])
+def test_grouped_equals_per_input_static_and_masked(family, request):
+    model = request.getfixturevalue(family)
+    ds = model.ds
+    x = _inputs()
+    timm_slim.set_width(model, 'dynamic')
+    assert timm_slim.get_width(model) == 'dynamic'
+    with torch.no_grad():
+        grouped = model(x)
+        routes = ds.last.routes.clone()
+        assert len({tuple(r) for r in routes.tolist()}) >= 3, 'the test needs inputs that take different routes'
+        alone, alone_routes = [], []
+        for i in range(len(x)):
+            alone.append(model(x[i:i + 1]))
+            alone_routes.append(ds.last.routes)
+        alone = torch.cat(alone)
+        assert torch.equal(torch.cat(alone_routes), routes)
+        masked = masked_forward(model, x)
+        assert torch.equal(ds.last.routes, routes)
+        static = []
+        for i, route in enumerate(routes.tolist()):
+            with timm_slim.use_width(model, ds.route_width(route)):
+                static.append(model(x[i:i + 1]))
+        static = torch.cat(static)
+    assert timm_slim.get_width(model) == 'dynamic'
+    assert grouped.abs().max() > 1   # outputs of order one, so 1e-5 is a real test
+    torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped, masked, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped, static, rtol=0, atol=1e-5)
+
+
+def test_float32_grouped_equals_per_input():
+    model = _gated('resnet18_ds', dtype=torch.float32, at=(2, 3))
+    timm_slim.set_width(model, 'dynamic')
+    x = _inputs(torch.float32)
+    with torch.no_grad():
+        grouped = model(x)
+        assert len({tuple(r) for r in model.ds.last.routes.tolist()}) >= 2
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        masked = masked_forward(model, x)
+    torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped, masked, rtol=0, atol=1e-5)
+
+
+def test_batch_of_one_runs_the_sliced_route(resnet):
+    """The convolutions of a route really run at the route's channel counts."""
+    seen = {}
+    hooks = [resnet.get_submodule(name).register_forward_hook(
+        lambda m, i, o, name=name: seen.__setitem__(name, (i[0].shape[1], o.shape[1])))
+        for name in ('layer2.0.conv1', 'layer3.1.conv2', 'layer4.0.conv1')]
+    timm_slim.set_width(resnet, 'dynamic')
+    try:
+        for i in range(6):
+            with torch.no_grad():
+                resnet(_inputs()[i:i + 1])
+            table = timm_slim.channel_table(resnet, resnet.ds.route_width(resnet.ds.last.routes[0].tolist()))
+            assert seen == {name: tuple(table[name]) for name in seen}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen['layer4.0.conv1'][1] in (128, 256, 384, 512)
+
+
+def test_modes_and_deterministic_evaluation(mobilenet):
+    x = _inputs()
+    timm_slim.set_width(mobilenet, 'dynamic')
+    with torch.no_grad():
+        first, routes = mobilenet(x), mobilenet.ds.last.routes.clone()
+        second = mobilenet(x)
+        assert torch.equal(first, second) and torch.equal(routes, mobilenet.ds.last.routes)
+        assert torch.equal(masked_forward(mobilenet, x), masked_forward(mobilenet, x))
+        route = mobilenet.ds.route_width((1, 2))
+        with timm_slim.use_width(mobilenet, route):         # static widths still work, and come back
+            static = mobilenet(x)
+        assert timm_slim.get_width(mobilenet) == 'dynamic'
+        timm_slim.set_width(mobilenet, route)
+        torch.testing.assert_close(mobilenet(x), static, rtol=0, atol=0)
+    timm_slim.set_width(mobilenet, 'dynamic')
+
+
+def test_export_and_copies_of_a_gated_supernet(resnet):
+    route = resnet.ds.route_width((1, 2, 3))
+    plain = timm_slim.export(resnet, route)
+    assert not hasattr(plain, 'gates') and not hasattr(plain, 'ds') and 'forward' not in vars(plain)
+    assert not any('Slim' in type(m).__name__ or 'Gate' in type(m).__name__ for m in plain.modules())
+    x = _inputs()
+    with torch.no_grad(), timm_slim.use_width(resnet, route):
+        torch.testing.assert_close(plain(x), resnet(x), rtol=0, atol=1e-10)
+    timm_slim.set_width(resnet, 'dynamic')
+    with pytest.raises(ValueError, match="'dynamic' mode; pass the width"):
+        timm_slim.export(resnet)
+    twin = copy.deepcopy(resnet)   # what timm's ModelEmaV3 does
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), resnet(x), rtol=0, atol=0)
+    assert torch.equal(twin.ds.last.routes, resnet.ds.last.routes)
+
+
+def test_double_headed_gates():
+    torch.manual_seed(0)
+    plain = timm.create_model('mobilenetv2_050_slim', num_classes=10).eval()
+    gated = add_gates(copy.deepcopy(plain), choices=(0.5, 1.0), se=True)
+    x = _inputs(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), plain(x), rtol=0, atol=0)   # the SE head starts at zero
+    with pytest.raises(ValueError, match='SE heads'):
+        timm_slim.export(gated, 0.5)
+    assert [p is q for p, q in zip(gate_parameters(gated), gated.gates[str(gated.ds.gate_stages[0])].fc2.parameters())]
+    model = _gated('mobilenetv2_050_ds', choices=(0.5, 0.75, 1.0), se=True)
+    timm_slim.set_width(model, 'dynamic')
+    x = _inputs()
+    with torch.no_grad():
+        grouped = model(x)
+        assert len({tuple(r) for r in model.ds.last.routes.tolist()}) >= 2
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        masked = masked_forward(model, x)
+    torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped, masked, rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_the_gates_through_the_straight_through_estimator(mobilenet):
+    model = mobilenet
+    timm_slim.set_width(model, 'dynamic')
+    model.eval()
+    model.gates.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in gate_parameters(model):
+        p.requires_grad_(True)
+    try:
+        out = model(_inputs())                                 # Gumbel noise, masks
+        onehot = model.ds.last.onehot
+        assert torch.equal(onehot.sum(-1), torch.ones_like(onehot.sum(-1)))
+        assert set(onehot.unique().tolist()) == {0.0, 1.0}
+        out.logsumexp(1).mean().backward()
+        grads = [p.grad for p in gate_parameters(model)]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        model.eval()
+
+
+def test_training_mode_backbone_refused_and_calibrations_kept(mobilenet):
+    timm_slim.set_width(mobilenet, 'dynamic')
+    keys = sorted(mobilenet.blocks[5][0].bn1.calib.keys())
+    mobilenet.train()
+    try:
+        with pytest.raises(RuntimeError, match='eval mode'):
+            mobilenet(_inputs())
+    finally:
+        mobilenet.eval()
+    assert sorted(mobilenet.blocks[5][0].bn1.calib.keys()) == keys
+
+
+def test_uncalibrated_routes_name_calibrate_routes():
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, width='dynamic').eval()
+    with pytest.raises(RuntimeError, match='calibrate_routes'):
+        model(_inputs(torch.float32, 2))
+
+
+def test_registered_names():
+    names = timm.list_models('*_ds')
+    assert {'resnet50_ds', 'mobilenetv2_100_ds', 'mobilenetv3_large_100_ds', 'efficientnet_b0_ds'} <= set(names)
+    assert set(timm_slim.DS_MODELS) == set(names)
+    model = timm.create_model('resnet50_ds', num_classes=10, choices=(0.5, 1.0), tau=2.0)
+    assert model.ds.gate_stages == (1, 2, 3) and model.ds.choices == (0.5, 1.0) and model.ds.tau == 2.0
+    assert model.ds.fixed == 0.5 and timm_slim.get_width(model) == 1.0
+    mbv2 = timm.create_model('mobilenetv2_100_ds', num_classes=10, width='dynamic')
+    assert mbv2.ds.gate_stages == (3,) and timm_slim.get_width(mbv2) == 'dynamic'
+    assert mbv2.ds.route_width((2,)) == (0.25, 0.25, 0.25, 0.75, 0.75, 0.75, 0.75)
+    base = timm.create_model('mobilenetv2_100', num_classes=10).state_dict()
+    assert all(mbv2.state_dict()[k].shape == v.shape for k, v in base.items())
+
+
+@pytest.mark.parametrize('kwargs,words', [
+    (dict(choices=(0.1, 0.5, 1.0)), ['0.1', 'a number in [0.25, 1]']),
+    (dict(choices=(0.5,)), ['at least 2']),
+    (dict(at=(0,)), ['stage 0', '1..3', 'layer2']),
+    (dict(at=(4,)), ['stage 4', '1..3']),
+    (dict(at=('layer2',)), ["'layer2'", '1..3']),
+    (dict(fixed=0.2), ['0.2', '[0.25, 1]']),
+    (dict(tau=0), ['tau']),
+])
+def test_bad_gate_arguments(kwargs, words):
+    with pytest.raises(ValueError) as error:
+        timm.create_model('resnet18_ds', num_classes=10, **kwargs)
+    assert all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_bad_gate_targets_for_snet_and_plain_supernets():
+    snet = timm.create_model('resnet18_slim', num_classes=10, widths=(0.25, 0.5, 1.0))
+    with pytest.raises(ValueError, match=r'0\.75.*one of \[0\.25, 0\.5, 1\]'):
+        add_gates(snet, choices=(0.25, 0.75))
+    with pytest.raises(ValueError, match='add_gates'):
+        timm_slim.set_width(snet, 'dynamic')
+    add_gates(snet, choices=(0.25, 1.0))
+    with pytest.raises(ValueError, match='already has gates'):
+        add_gates(snet)
+
+
+# -- Stage II losses --------------------------------------------------------------------------
+
+def test_sgs_targets_both_variants():
+    # choices: 4; rows: smallest correct / only 0.5 correct / only the largest / none / 0.75 and 1.0
+    correct = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert sgs_targets(correct, 'paper').tolist() == [0, 3, 3, 3, 3]
+    assert sgs_targets(correct, 'smallest-correct').tolist() == [0, 1, 3, 3, 2]
+    with pytest.raises(ValueError, match="'paper', 'smallest-correct'"):
+        sgs_targets(correct, 'best')
+    logits = torch.zeros(5, 2, 4, requires_grad=True)
+    loss = sgs_loss(logits, sgs_targets(correct, 'paper'))
+    torch.testing.assert_close(loss, torch.log(torch.tensor(4.0)))
+    loss.backward()
+    assert logits.grad[0, :, 0].lt(0).all() and logits.grad[1, :, 3].lt(0).all()
+
+
+def test_choice_correctness_runs_the_uniform_routes(mobilenet):
+    x = _inputs()
+    with torch.no_grad():
+        with timm_slim.use_width(mobilenet, mobilenet.ds.route_width((1, 1))):
+            labels = mobilenet(x).argmax(1)     # route (1, 1) is right by construction
+        correct = choice_correctness(mobilenet, x, labels, 'smallest-correct')
+        assert correct[:, 1].all()
+        assert choice_correctness(mobilenet, x, labels, 'paper')[:, 1:].sum() == 0
+
+
+def test_route_macs_are_exact_and_differentiable():
+    table = torch.arange(8, dtype=torch.float64).view(2, 2, 2) * 10 + 5
+    logits = torch.randn(6, 3, 2, requires_grad=True)
+    routes = torch.tensor([[0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 1], [1, 1, 0], [0, 0, 1]])
+    soft = logits.softmax(-1)
+    onehot = nn.functional.one_hot(routes, 2).double() - soft.detach().double() + soft.double()
+    macs = route_macs_of(onehot, table)
+    torch.testing.assert_close(macs, torch.stack([table[tuple(r)] for r in routes.tolist()]))
+    loss = complexity_loss(macs, target=20.0)
+    torch.testing.assert_close(loss, (macs.mean() / 20 - 1) ** 2)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ from .dynamic import add_gates, calibrate_routes
 from .export import channel_table, export, load, read_header, save_supernet, save_width
 from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import DS_MODELS, SLIM_MODELS
+from .profile import plot_widths, profile
 from .width import WidthSpace
 
 __version__ = '0.1.0'
@@ -27,6 +28,8 @@ __all__ = [
     'get_width',
     'load',
     'load_from_hub',
+    'plot_widths',
+    'profile',
     'push_to_hub',
     'read_header',
     'save_for_hub',

@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 # Modules of this package that each contribute one or more verbs.
-VERB_MODULES = ('models', 'export', 'hub')
+VERB_MODULES = ('models', 'export', 'profile', 'hub')
 
 
 class CliError(Exception):

@@ -16,8 +16,18 @@ import torch
 import torch.nn as nn
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """Exactly channels_last strides. ``is_contiguous(memory_format=...)`` cannot tell NCHW from
+    NHWC when the kernel is 1x1 (they differ only in the strides of size-1 dimensions), but
+    oneDNN can: a 1x1 weight cached as NCHW turned the outputs of SE blocks NCHW and cost 5%."""
+    if tensor.dim() != 4:
+        return False
+    _, channels, height, width = tensor.shape
+    return tensor.stride() == (height * width * channels, 1, width * channels, channels)
+
+
 def _contiguous_like(view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    if full.dim() == 4 and not full.is_contiguous() and full.is_contiguous(memory_format=torch.channels_last):
+    if _is_channels_last(full):
         return view.contiguous(memory_format=torch.channels_last)
     return view.contiguous()
 
@@ -39,8 +49,10 @@ class SliceCache:
             return weight, bias
         if torch.is_grad_enabled() and weight.requires_grad:
             return weight[:out, :inp], None if bias is None else bias[:out]
+        # A copy made under inference_mode is an inference tensor that autograd may not save,
+        # so copies made inside and outside inference_mode are never shared.
         key = (out, inp, weight.data_ptr(), weight._version, weight.device, weight.dtype,
-               None if bias is None else (bias.data_ptr(), bias._version))
+               None if bias is None else (bias.data_ptr(), bias._version), torch.is_inference_mode_enabled())
         if key != self._key:
             self._tensors = (
                 _contiguous_like(weight[:out, :inp], weight),

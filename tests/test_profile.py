@@ -1,0 +1,350 @@
+"""Measuring widths: fvcore MACs against timm's own models, parameters, latency, tables, plots,
+the ``timm-slim profile`` verb, and the slice cache the in-place supernet runs on."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import timm_slim
+from timm_slim.layers import SlimConv2d, SlimLinear
+from timm_slim.profile import (
+    ProfileRows,
+    Timing,
+    WidthProfile,
+    channel_summary,
+    count_macs,
+    default_widths,
+    paired_ratio,
+    time_interleaved,
+    used_parameters,
+)
+
+SIZE = (3, 32, 32)
+FAMILIES = [
+    'resnet18',
+    'resnet50d',
+    'seresnet50',
+    'resnext50_32x4d',
+    'mobilenetv2_100',
+    'mobilenetv3_large_100',
+    'mobilenetv3_small_100',
+    'efficientnet_b0',
+    'mnasnet_100',
+    'lcnet_100',
+]
+QUARTERS = [0.25, 0.5, 0.75, 1.0]
+# One intra-op thread: on a shared 2-core machine, two OpenMP threads that wait on each other
+# make a tiny forward 100x slower (FACTS: speed on these machines).
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fvcore_macs(model: torch.nn.Module, size=SIZE) -> int:
+    return count_macs(model.eval(), torch.randn(1, *size))[0]
+
+
+def pair(name: str, num_classes: int = 10, **kwargs):
+    """A timm model and a supernet converted from an exact copy of it."""
+    torch.manual_seed(0)
+    base = timm.create_model(name, num_classes=num_classes).eval()
+    twin = timm.create_model(name, num_classes=num_classes)
+    twin.load_state_dict(base.state_dict())
+    return base, timm_slim.slimmify(twin, **kwargs)
+
+
+def calibrate(model, widths, size=SIZE):
+    timm_slim.calibrate_bn(model, [torch.randn(2, *size)], widths=widths)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_macs_and_params_per_width_match_timm_and_export(name):
+    """Invariant 3: supernet at w == export(m, w) == (at 1.0) the timm model; strictly growing."""
+    base, supernet = pair(name)
+    calibrate(supernet, [0.5])  # 0.25 and 0.75 stay uncalibrated: profiling must not need them
+    rows = timm_slim.profile(supernet, widths=[0.25, 0.5, 1.0], input_size=SIZE)
+    assert [r.width for r in rows] == [0.25, 0.5, 1.0]
+    macs, params = [r.macs for r in rows], [r.params for r in rows]
+    assert all(a < b for a, b in zip(macs, macs[1:])), macs
+    assert all(a < b for a, b in zip(params, params[1:])), params
+    assert all(r.flops > r.macs for r in rows)  # fvcore's total adds BatchNorm
+    assert macs[-1] == fvcore_macs(base)
+    assert params[-1] == sum(p.numel() for p in base.parameters())
+    plain = timm_slim.export(supernet, 0.5)
+    assert macs[1] == fvcore_macs(plain)
+    assert params[1] == sum(p.numel() for p in plain.parameters())
+    assert rows[1].channels == channel_summary(plain)
+    assert timm_slim.get_width(supernet) == 1.0
+
+
+@pytest.mark.parametrize('base_name,width,native_name', [
+    ('mobilenetv2_100', 0.35, 'mobilenetv2_035'),
+    ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075'),
+    ('mobilenetv3_small_100', 0.5, 'mobilenetv3_small_050'),
+    ('lcnet_100', 0.5, 'lcnet_050'),
+])
+def test_macs_and_params_match_timm_native_variants(base_name, width, native_name):
+    _, supernet = pair(base_name)
+    row = timm_slim.profile(supernet, widths=[width], input_size=SIZE)[0]
+    native = timm.create_model(native_name, num_classes=10)
+    assert row.macs == fvcore_macs(native)
+    assert row.params == sum(p.numel() for p in native.parameters())
+
+
+@pytest.mark.slow
+def test_quoted_numbers_at_224():
+    """The numbers papers quote: mobilenetv2 1.0 = 300.8M MACs, 0.5 = 97.1M; resnet50 = 4.09G."""
+    supernet = timm.create_model('mobilenetv2_100_slim')
+    rows = timm_slim.profile(supernet, widths=[0.5, 1.0])
+    native = timm.create_model('mobilenetv2_050')
+    assert rows[0].macs == fvcore_macs(native, (3, 224, 224))
+    assert rows[0].params == sum(p.numel() for p in native.parameters())
+    assert round(rows[0].macs / 1e6, 1) == 97.1  # 95.85M conv + 1.28M linear
+    assert round(rows[1].macs / 1e6, 1) == 300.8
+    assert rows[1].params == 3_504_872
+    resnet = timm_slim.profile(timm.create_model('resnet50_slim'), widths=[1.0])[0]
+    assert round(resnet.macs / 1e9, 2) == 4.09
+    assert resnet.params == 25_557_032
+
+
+def test_per_stage_width_and_snet():
+    """Per-stage widths sit between their uniform neighbours; an S-Net profiles its list by default."""
+    _, supernet = pair('resnet18', widths=(0.25, 0.5, 1.0))
+    rows = timm_slim.profile(supernet, widths=[0.25, (0.25, 0.5, 0.5, 1.0)], input_size=SIZE)
+    assert rows[0].macs < rows[1].macs and rows[1].width == (0.25, 0.5, 0.5, 1.0)
+    assert rows[1].macs == fvcore_macs(timm_slim.export(supernet, (0.25, 0.5, 0.5, 1.0)))
+    assert rows[1].params == used_parameters(supernet, (0.25, 0.5, 0.5, 1.0))
+    assert default_widths(supernet) == [0.25, 0.5, 1.0]
+
+
+def test_latency_leaves_the_model_as_it_was():
+    _, supernet = pair('mobilenetv2_100', width_range=(0.35, 1.0))
+    calibrate(supernet, [0.5])
+    supernet.train()
+    timm_slim.set_width(supernet, 0.75)
+    tensors = {name: (t.data_ptr(), t.stride()) for name, t in supernet.state_dict(keep_vars=True).items()}
+    rows = timm_slim.profile(supernet, widths=[0.35, 0.5, 1.0], input_size=SIZE, latency=True, batch_size=2,
+                             rounds=2, per_round=2, warmup=1)
+    assert all(r.latency_ms > 0 and r.latency_iqr_ms >= 0 for r in rows)
+    assert rows.has_latency and rows.batch_size == 2
+    assert supernet.training and all(m.training for m in supernet.modules())
+    assert timm_slim.get_width(supernet) == 0.75
+    # the very same tensors, in their own layout: channels_last and the device move were undone
+    assert {name: (t.data_ptr(), t.stride()) for name, t in supernet.state_dict(keep_vars=True).items()} == tensors
+    assert supernet.bn1.calib.get('0_5') is not None  # calibrations survive (no train-mode forward)
+    assert default_widths(supernet) == [0.35, 0.5, 0.75, 1.0]
+
+
+def test_time_interleaved_runs_setups_round_by_round():
+    order = []
+    calls = {'a': lambda: order.append('a'), 'b': lambda: order.append('b')}
+    setups = {'a': lambda: order.append('set a'), 'b': lambda: order.append('set b')}
+    timings = time_interleaved(calls, setups, rounds=2, per_round=3, warmup=1)
+    assert {k: t.samples for k, t in timings.items()} == {'a': 6, 'b': 6}
+    round_of_a = ['set a', 'a', 'a', 'a', 'a']
+    round_of_b = ['set b', 'b', 'b', 'b', 'b']
+    assert order == ['set a', 'a', 'set b', 'b'] + (round_of_a + round_of_b) * 2
+    with pytest.raises(ValueError, match='rounds'):
+        time_interleaved(calls, rounds=0)
+
+
+def test_paired_ratio_keeps_the_fastest_call_of_each_round():
+    # round 2 of a was disturbed by another process (30 ms); drift doubles everything in round 3
+    a = Timing(0.0, 0.0, [12.0, 11.0, 30.0, 11.0, 22.0, 23.0])
+    b = Timing(0.0, 0.0, [10.0, 10.5, 10.0, 10.0, 20.0, 20.0])
+    assert a.fastest_per_round(2) == [11.0, 11.0, 22.0]
+    assert paired_ratio(a, b, per_round=2) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match='rounds of 4'):
+        a.fastest_per_round(4)
+
+
+def test_tables_parse():
+    _, supernet = pair('mobilenetv3_small_100')
+    rows = timm_slim.profile(supernet, widths=[0.5, 1.0], input_size=SIZE)
+    assert isinstance(rows, ProfileRows) and all(isinstance(r, WidthProfile) for r in rows)
+    markdown = rows.to_markdown().splitlines()
+    assert markdown[0].count('|') == markdown[2].count('|') == 6
+    assert markdown[2].startswith('| 0.5 |')
+    assert 'not counted by fvcore' in rows.to_markdown() and 'hardswish' in rows.to_markdown()
+    table = list(csv.DictReader(io.StringIO(rows.to_csv())))
+    assert [int(r['macs']) for r in table] == [r.macs for r in rows]
+    assert table[0]['width'] == '0.5' and table[0]['latency_ms'] == ''
+    data = json.loads(rows.to_json())
+    assert data['model'] == 'mobilenetv3_small_100' and data['input_size'] == [3, 32, 32]
+    assert [r['params'] for r in data['rows']] == [r.params for r in rows]
+    assert data['skipped_ops']  # elementwise ops were summarised once, not warned per op
+
+
+def test_plots(tmp_path):
+    _, supernet = pair('lcnet_100')
+    rows = timm_slim.profile(supernet, widths=[0.25, 0.5, 1.0], input_size=SIZE)
+    png, svg = tmp_path / 'widths.png', tmp_path / 'acc.svg'
+    timm_slim.plot_widths(rows, path=str(png))
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5_000
+    figure = timm_slim.plot_widths(rows, accuracy={0.25: 60.0, 0.5: 70.0, 1.0: 75.0}, path=str(svg),
+                                   others={'individually trained': [(1e6, 62.0), (4e6, 74.0)]})
+    assert b'<svg' in svg.read_bytes()
+    assert figure.axes[0].get_ylabel() == 'accuracy'
+    assert len(figure.axes[0].lines) == 2
+    rows[0].latency_ms, rows[1].latency_ms, rows[2].latency_ms = 1.0, 1.5, 3.0
+    relative = timm_slim.plot_widths({'batch 1': rows}, relative=True)
+    xs, ys = relative.axes[0].lines[0].get_data()
+    assert xs[-1] == ys[-1] == 1.0 and ys[0] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match='png or .svg'):
+        timm_slim.plot_widths(rows, path=str(tmp_path / 'x.jpg'))
+    with pytest.raises(ValueError, match='metric'):
+        timm_slim.plot_widths(rows, metric='speed')
+    with pytest.raises(ValueError, match='accuracy has 2 values'):
+        timm_slim.plot_widths(rows, accuracy=[1, 2])
+    assert not list(tmp_path.glob('.tmp-*'))
+
+
+def test_bad_input_names_the_allowed_values():
+    _, supernet = pair('resnet18')
+    with pytest.raises(ValueError, match=r'out of range; allowed: a number in \[0.25, 1\]'):
+        timm_slim.profile(supernet, widths=[0.5, 1.5], input_size=SIZE)
+    with pytest.raises(ValueError, match='three positive integers'):
+        timm_slim.profile(supernet, input_size=(3, 0, 32))
+    with pytest.raises(ValueError, match='takes 3'):
+        timm_slim.profile(supernet, input_size=(1, 32, 32))
+    calibrate(supernet, [0.5])
+    with pytest.raises(ValueError, match='plain model of one width'):
+        timm_slim.profile(timm_slim.export(supernet, 0.5), widths=[0.5], input_size=SIZE)
+
+
+# -- the slice cache the in-place supernet runs on ------------------------------------------
+def cached_elements(model) -> int:
+    return sum(t.numel() for m in model.modules() if isinstance(m, (SlimConv2d, SlimLinear))
+               for t in m._cache._tensors if t is not None)
+
+
+def test_slice_cache_holds_one_width_and_follows_optimizer_steps():
+    _, supernet = pair('mobilenetv2_100', widths=(0.5, 0.75, 1.0))
+    x = torch.randn(2, *SIZE)
+    supernet.eval()
+    for width in (0.5, 0.75):
+        timm_slim.set_width(supernet, width)
+        with torch.no_grad():
+            supernet(x)
+        assert 0 < cached_elements(supernet) <= used_parameters(supernet, width)
+    # an optimizer step changes the weights in place: the next inference must see them
+    optimizer = torch.optim.SGD(supernet.parameters(), lr=0.5)
+    supernet.train()
+    supernet(torch.randn(4, *SIZE)).square().mean().backward()
+    optimizer.step()
+    supernet.eval()
+    with torch.no_grad():
+        in_place = supernet(x)
+        exported = timm_slim.export(supernet, 0.75).eval()(x)
+    assert (in_place - exported).abs().max().item() < 1e-5
+
+
+def test_cached_slices_keep_the_weights_layout():
+    """A channels_last model caches channels_last slices, 1x1 and depthwise kernels included,
+    exactly as export(m, w).to(channels_last) lays out its weights (oneDNN picks its path by them)."""
+    _, supernet = pair('mobilenetv3_large_100', widths=(0.35, 1.0))
+    plain = timm_slim.export(supernet, 0.35).eval().to(memory_format=torch.channels_last)
+    supernet.eval().to(memory_format=torch.channels_last)
+    timm_slim.set_width(supernet, 0.35)
+    with torch.inference_mode():
+        supernet(torch.randn(1, *SIZE).contiguous(memory_format=torch.channels_last))
+    plain_modules = dict(plain.named_modules())
+    checked = 0
+    for name, layer in supernet.named_modules():
+        if isinstance(layer, SlimConv2d) and layer._cache._tensors[0] is not None:
+            cached, expected = layer._cache._tensors[0], plain_modules[name].weight
+            assert (cached.shape, cached.stride()) == (expected.shape, expected.stride()), name
+            checked += 1
+    assert checked > 40
+
+
+def test_inference_mode_copies_do_not_leak_into_autograd():
+    """Timing runs under inference_mode; training a gate on a frozen backbone must still work."""
+    _, supernet = pair('resnet18', widths=(0.5, 1.0))
+    timm_slim.profile(supernet, widths=[0.5], input_size=SIZE, latency=True, rounds=1, per_round=1, warmup=0)
+    timm_slim.set_width(supernet, 0.5)
+    supernet.eval()
+    with torch.inference_mode():
+        supernet(torch.randn(1, *SIZE))
+    for parameter in supernet.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(1, *SIZE, requires_grad=True)
+    supernet(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+def run_cli(*commands) -> list:
+    """Run ``timm-slim`` commands as real processes, side by side; their CompletedProcess-like results."""
+    processes = [subprocess.Popen([sys.executable, '-c', 'import sys; from timm_slim.cli import main; sys.exit(main())',
+                                   *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+                 for args in commands]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def test_cli_on_slim_name_timm_name_and_files(tmp_path):
+    supernet = timm.create_model('mobilenetv3_small_100_slim', num_classes=10)
+    calibrate(supernet, [0.5])
+    timm_slim.save_supernet(supernet, tmp_path / 'super.safetensors')
+    timm_slim.save_width(supernet, 0.5, tmp_path / 'half.safetensors')
+    plot = tmp_path / 'resnet.png'
+    by_name, timm_name, super_file, width_file = run_cli(
+        ['profile', 'mobilenetv3_small_100_slim', '--widths', '0.5,1.0', '--input-size', '3,32,32', '--num-classes',
+         '10', '--format', 'json'],
+        ['profile', 'resnet18', '--widths', '0.25:1.0:0.25', '--input-size', '32', '--format', 'csv', '--plot',
+         str(plot), '--latency'],
+        ['profile', str(tmp_path / 'super.safetensors'), '--widths', '0.5,1', '--input-size', '3,32,32'],
+        ['profile', str(tmp_path / 'half.safetensors'), '--input-size', '3,32,32', '--format', 'json'],
+    )
+    for result in (by_name, timm_name, super_file, width_file):
+        assert result.returncode == 0, result.stderr
+    macs = {r['width']: r['macs'] for r in json.loads(by_name.stdout)['rows']}
+    assert macs[0.5] < macs[1.0]
+
+    table = list(csv.DictReader(io.StringIO(timm_name.stdout)))
+    assert [r['width'] for r in table] == ['0.25', '0.5', '0.75', '1']
+    assert all(float(r['latency_ms']) > 0 for r in table)
+    assert plot.read_bytes()[:4] == b'\x89PNG' and plot.stat().st_size > 5_000
+    assert 'width' in timm_name.stderr  # the progress bar goes to stderr, never into the table
+
+    lines = super_file.stdout.splitlines()
+    assert lines[2].startswith('| 0.5 |') and lines[3].startswith('| 1 |')
+
+    rows = json.loads(width_file.stdout)['rows']  # a per-width file profiles its one width
+    assert len(rows) == 1 and rows[0]['width'] == 0.5 and rows[0]['macs'] == macs[0.5]
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    cases = [
+        (['no_such_model_slim', '--input-size', '3,32,32'], "unknown model 'no_such_model_slim'"),
+        (['resnet18_slim', '--widths', '0.5,1.5', '--input-size', '3,32,32'],
+         'width 1.5 is out of range; allowed: a number in [0.25, 1]'),
+        (['resnet18_slim', '--widths', '0.5:x'], "malformed --widths '0.5:x'"),
+        (['resnet18_slim', '--input-size', '3,224'], "malformed --input-size '3,224'"),
+    ]
+    results = run_cli(*(['profile', *args] for args, _ in cases))
+    for (args, message), result in zip(cases, results):
+        assert result.returncode != 0, args
+        assert result.stdout == ''
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+        assert lines[0].startswith('timm-slim profile: error:') and message in lines[0], lines[0]

@@ -35,7 +35,6 @@ import numbers
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -45,6 +44,7 @@ import torch.nn as nn
 from .control import calibrate_bn, calibrated_widths, unwrap
 from .export import _model_args, export, load, read_header, save_supernet, save_width
 from .layers import BN_KINDS, UNIVERSAL
+from .profile import plot_widths, profile
 from .width import Width, WidthSpace, format_width, width_key
 
 __all__ = ['CorruptFileError', 'HubError', 'download_from_hub', 'load_from_hub', 'push_to_hub', 'save_for_hub',
@@ -122,13 +122,13 @@ def _write(net: nn.Module, plan: _Plan, out: Path, repo_id: Optional[str]) -> Di
     """The files of the repo planned by ``plan``, into ``out``; returns config.json's content."""
     state = net.slim
     (out / WIDTHS_DIR).mkdir(parents=True, exist_ok=True)
+    rows = profile(net, plan.widths, plan.input_size)  # fvcore MACs (conv + linear) and params per width
     entries = []
-    for w in plan.widths:
+    for w, row in zip(plan.widths, rows):
         name = SUPERNET_FILE if plan.single else width_filename(w)
         save_width(net, w, out / name)
-        plain = export(net, w).eval()
         entry = {'width': list(w) if isinstance(w, tuple) else w, 'file': name, **_digest(out / name),
-                 **_measure(plain, plan.input_size), 'timm_architecture': _timm_twin(net, w, plain)}
+                 'macs': row.macs, 'params': row.params, 'timm_architecture': _timm_twin(net, w)}
         if width_key(w) in plan.accuracy:
             entry['accuracy'] = plan.accuracy[width_key(w)]
         entries.append(entry)
@@ -153,7 +153,7 @@ def _write(net: nn.Module, plan: _Plan, out: Path, repo_id: Optional[str]) -> Di
         pretrained_cfg['hf_hub_id'] = repo_id
     config = _jsonable({'architecture': architecture, 'num_classes': net.num_classes, 'model_args': model_args,
                         'pretrained_cfg': pretrained_cfg, 'slim': slim})
-    plot = None if plan.single else _plot(entries, out)
+    plot = None if plan.single else _plot(rows, plan, out)
     _write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + '\n')
     _write_text(out / CARD_FILE, _model_card(config, repo_id or 'ORG/NAME', plot))
     return config
@@ -345,20 +345,7 @@ def _data_cfg(net: nn.Module, overlay: Optional[Mapping[str, Any]]) -> Dict[str,
     return cfg
 
 
-def _measure(plain: nn.Module, input_size: Tuple[int, int, int]) -> Dict[str, int]:
-    """MACs (fvcore, conv + linear, batch 1) and parameters of the plain model of one width."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # fvcore imports torch.jit.script
-        from fvcore.nn import FlopCountAnalysis
-
-    analysis = FlopCountAnalysis(plain, torch.zeros(1, *input_size, device=next(plain.parameters()).device))
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    macs = sum(v for k, v in analysis.by_operator().items() if k in ('conv', 'linear', 'addmm', 'matmul'))
-    return {'macs': int(macs), 'params': sum(p.numel() for p in plain.parameters())}
-
-
-def _timm_twin(net: nn.Module, width: Width, plain: nn.Module) -> Optional[str]:
+def _timm_twin(net: nn.Module, width: Width) -> Optional[str]:
     """timm's own architecture that *is* the exported width (same tensors, same outputs), if any.
 
     The candidate follows timm's naming of width multipliers (``mobilenetv2_100`` at 0.5 ->
@@ -378,6 +365,7 @@ def _timm_twin(net: nn.Module, width: Width, plain: nn.Module) -> Optional[str]:
     name = f'{match.group(1)}_{round(int(match.group(2)) * width):03d}'
     if not timm.is_model(name):
         return None
+    plain = export(net, width).eval()
     try:
         native = timm.create_model(name, **{**_model_args(net), 'num_classes': net.num_classes})
         native.load_state_dict(plain.state_dict(), strict=True)
@@ -430,29 +418,16 @@ def _human(value: float) -> str:
     return str(int(value))
 
 
-def _plot(entries: List[Dict[str, Any]], directory: Path) -> str:
-    """Accuracy against MACs (MACs against width without accuracy), one labelled point per width."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.6), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    widths = [_as_width(e['width']) for e in entries]
-    macs = [e['macs'] / 1e6 for e in entries]
-    if all('accuracy' in e for e in entries):
-        xs, ys, name = macs, [e['accuracy'] for e in entries], ACCURACY_PLOT
-        axes.set(xlabel='MACs (M)', ylabel='top-1 accuracy (%)', title='Accuracy against MACs, one point per width')
+def _plot(rows: Sequence[Any], plan: _Plan, directory: Path) -> Optional[str]:
+    """Accuracy against MACs (without accuracy: width against MACs), one labelled point per width."""
+    if len(plan.accuracy) == len(plan.widths):
+        accuracy, name = {w: plan.accuracy[width_key(w)] for w in plan.widths}, ACCURACY_PLOT
+    elif not any(isinstance(w, tuple) for w in plan.widths):
+        accuracy, name = None, MACS_PLOT
     else:
-        xs, ys, name = [_order(w)[0] for w in widths], macs, MACS_PLOT
-        axes.set(xlabel='width (mean over stages)', ylabel='MACs (M)', title='MACs per width')
-    axes.plot(xs, ys, 'o-', color='tab:blue')
-    for x, y, w in zip(xs, ys, widths):
-        axes.annotate(format_width(w), (x, y), textcoords='offset points', xytext=(4, -11), fontsize=8)
-    axes.margins(x=0.08, y=0.12)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(directory / name)
+        return None  # per-stage widths and no accuracy: no axis to put them on
+    plot_widths(rows, metric='macs', accuracy=accuracy, path=str(directory / name),
+                title='Accuracy against MACs, one point per width' if accuracy else 'MACs per width')
     return name
 
 

@@ -243,6 +243,9 @@ def test_usnet_push_without_statistics_is_refused(hub: HubServer) -> None:
         timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[1.0], accuracy={0.75: 90.0})
     with pytest.raises(ValueError, match=r'is out of range; allowed: a number in \[0\.35, 1\]'):
         timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[0.2])
+    gated = timm.create_model('mobilenetv2_100_ds', num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r'carries DS-Net parts \(gates'):
+        timm_slim.push_to_hub(gated, 'user/uncalibrated')
     assert hub.requests == []  # refused before anything was sent
     with pytest.raises(KeyError):
         hub.commits('user/uncalibrated')

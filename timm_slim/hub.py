@@ -254,6 +254,9 @@ class _Plan:
             raise ValueError(f'cannot publish a supernet of architecture {state.architecture!r}: config.json must '
                              f'name a registered timm_slim architecture (timm_slim.SLIM_MODELS); build the model '
                              f'with timm.create_model("<base>_slim") or slimmify a model made by timm.create_model')
+        if state.extras and width is None:
+            raise ValueError(f'this supernet carries DS-Net parts ({", ".join(state.extras)}), which a Hub repo does '
+                             f'not hold yet; publish one static width with width=w, or the supernet without gates')
         if width is not None and widths is not None:
             raise ValueError('pass widths=[...] (a supernet repo) or width=w (a single-width repo), not both')
         if width is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -17,7 +18,10 @@ import torch.nn as nn
 
 import timm_slim
 from timm_slim.dynamic import add_gates, calibrate_routes, gate_parameters, masked_forward
+from timm_slim.dynamic.cost import parse_target_macs, route_costs
 from timm_slim.dynamic.losses import choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
+from timm_slim.dynamic.report import evaluate_dynamic
+from timm_slim.dynamic.train import GateTrainer, freeze_backbone
 
 IMAGE = (3, 32, 32)
 
@@ -301,3 +305,100 @@ def test_route_macs_are_exact_and_differentiable():
     torch.testing.assert_close(loss, (macs.mean() / 20 - 1) ** 2)
     loss.backward()
     assert logits.grad.abs().sum() > 0
+
+
+# -- MACs of the routes, targets ----------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def small():
+    """mobilenetv2_050_ds with 3 choices: 3 routes, cheap to count and to train."""
+    return _gated('mobilenetv2_050_ds', dtype=torch.float32, calib=16, choices=(0.5, 0.75, 1.0))
+
+
+def test_route_costs_are_fvcore_counts_of_the_routes(small):
+    from timm_slim.profile import count_macs
+
+    costs = route_costs(small, IMAGE)
+    assert costs is route_costs(small, IMAGE)   # counted once
+    assert costs.table.shape == (3,)
+    gate = small.gates[str(small.ds.gate_stages[0])]
+    image = torch.zeros(1, *IMAGE)
+    for k in range(3):
+        plain = timm_slim.export(small, small.ds.route_width((k,)))
+        gate_input = timm_slim.channel_table(small, small.ds.route_width((k,)))['blocks.3.0.conv_pw'][0]
+        expected = count_macs(plain, image)[0] + gate_input * gate.fc1.out_features + gate.fc1.out_features * 3
+        assert costs.of((k,)) == expected
+    assert costs.table.diff().gt(0).all()
+    assert costs.full == count_macs(timm.create_model('mobilenetv2_050', num_classes=10).eval(), image)[0]
+    assert parse_target_macs('0.5', costs) == parse_target_macs(0.5, costs) == 0.5 * costs.full
+    assert parse_target_macs(f'{costs.low / 1e6 + 0.01}M', costs) == pytest.approx(costs.low + 1e4)
+
+
+@pytest.mark.parametrize('target,words', [
+    ('0.01', ['outside', 'allowed', 'fractions']),
+    ('5G', ['outside', 'allowed']),
+    ('half', ['fraction of the full width', "'half'"]),
+])
+def test_bad_targets(small, target, words):
+    with pytest.raises(ValueError) as error:
+        parse_target_macs(target, route_costs(small, IMAGE))
+    assert all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_targets_at_both_ends_are_allowed(small):
+    costs = route_costs(small, IMAGE)
+    assert parse_target_macs(float(costs.low), costs) == costs.low
+    assert parse_target_macs(float(costs.high), costs) == costs.high
+    with pytest.raises(ValueError, match='below|outside'):
+        parse_target_macs(float(costs.low) - 1, costs)
+    with pytest.raises(ValueError, match='outside'):
+        parse_target_macs(float(costs.high) + 1, costs)
+
+
+# -- Stage II -----------------------------------------------------------------------------------
+
+def _digits(n: int, seed: int = 0):
+    from timm_slim.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+
+    dataset = DigitsDataset('train')
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    images, labels = zip(*(dataset[i] for i in order.tolist()))
+    mean, std = torch.tensor(DIGITS_MEAN)[:, None, None], torch.tensor(DIGITS_STD)[:, None, None]
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]) / 255
+    return (x - mean) / std, torch.tensor(labels)
+
+
+def test_stage2_trains_only_the_gates_and_the_complexity_loss_lowers_macs(small):
+    model = copy.deepcopy(small)
+    with torch.no_grad():
+        for gate in model.gates.values():   # start from the dearest route
+            gate.fc2.weight.zero_()
+            gate.fc2.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
+    costs = route_costs(model, IMAGE)
+    images, labels = _digits(64)
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith('gates.')}
+    params = freeze_backbone(model)
+    assert {id(p) for p in params} == {id(p) for p in gate_parameters(model)}
+    trainer = GateTrainer(model, torch.optim.SGD(params, lr=1.0), costs, target_macs=float(costs.low),
+                          sgs_weight=0.0, complexity_weight=10.0)
+    before = evaluate_dynamic(model, [(images, labels)], costs).mean_macs
+    history = [trainer.train_batch(images, labels) for _ in range(8)]
+    after = evaluate_dynamic(model, [(images, labels)], costs).mean_macs
+    assert before == costs.high and after < 0.8 * before, (before, after, history)
+    assert history[-1]['complexity'] < history[0]['complexity']
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in backbone.items())   # bit-identical backbone, stats too
+    assert not torch.equal(state[f'gates.{model.ds.gate_stages[0]}.fc2.bias'], torch.tensor([0.0, 0.0, 3.0]))
+
+
+def test_evaluate_dynamic_reports_routes_macs_and_histogram(small):
+    costs = route_costs(small, IMAGE)
+    images, labels = _digits(40, seed=1)
+    result = evaluate_dynamic(small, [(images[:25], labels[:25]), (images[25:], labels[25:])], costs)
+    assert result.routes.shape == (40, 1) and result.macs.shape == (40,)
+    assert sum(result.histogram()[0]) == 40
+    assert torch.equal(result.macs, costs.table[result.routes[:, 0]].to(result.macs.dtype))
+    records = result.per_input()
+    assert records[0]['widths'] == [small.ds.choices[records[0]['route'][0]]]
+    assert result.summary()['macs_fraction'] == pytest.approx(result.mean_macs / costs.full)
+    assert 'gate@3' in result.histogram_text()

@@ -24,7 +24,7 @@ from ..control import unwrap, use_width
 SGS_VARIANTS = ('paper', 'smallest-correct')
 
 
-def _check_variant(variant: str) -> None:
+def check_variant(variant: str) -> None:
     if variant not in SGS_VARIANTS:
         raise ValueError(f'SGS variant must be one of {list(SGS_VARIANTS)}, got {variant!r}')
 
@@ -40,7 +40,7 @@ def sgs_targets(correct: torch.Tensor, variant: str = 'paper') -> torch.Tensor:
     Returns:
         ``(B,)`` choice indices.
     """
-    _check_variant(variant)
+    check_variant(variant)
     correct = correct.bool()
     largest = correct.shape[1] - 1
     if variant == 'paper':
@@ -57,7 +57,7 @@ def choice_correctness(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     Runs each route statically (real slicing, the backbone's BatchNorm in its current mode);
     columns the variant does not read are False.
     """
-    _check_variant(variant)
+    check_variant(variant)
     net = unwrap(model)
     ds = net.ds
     correct = torch.zeros(images.shape[0], ds.num_choices, dtype=torch.bool, device=images.device)

@@ -147,3 +147,12 @@ def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip() and 'Warning' not in line
              and not line.startswith('  ')]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_equal_weights_give_equal_bytes(tmp_path):
+    """Saving the same supernet twice writes identical files (a Hub push can skip them)."""
+    model = timm.create_model('resnet18_slim', num_classes=3)
+    paths = [tmp_path / f'{i}.safetensors' for i in range(3)]
+    for path in paths:
+        timm_slim.save_supernet(model, path)
+    assert len({path.read_bytes() for path in paths}) == 1

@@ -114,7 +114,9 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
         'model_args': _model_args(net),
         **extra,
     }
-    return {'format': 'pt', FORMAT_KEY: json.dumps(info)}
+    # One metadata key: safetensors writes several in random order, and equal weights must give
+    # equal bytes (a Hub push then skips unchanged files).
+    return {FORMAT_KEY: json.dumps(info, sort_keys=True)}
 
 
 def _model_args(net: nn.Module) -> Dict[str, Any]:

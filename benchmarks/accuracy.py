@@ -1,0 +1,152 @@
+"""Does one supernet match the models trained one width at a time? Side by side, equal budget.
+
+    python benchmarks/accuracy.py                       # 2 seeds x 15 epochs (about 2 hours on 2 busy cores)
+    python benchmarks/accuracy.py --seeds 0 --epochs 5  # a quick look
+    python benchmarks/accuracy.py --write-docs          # also rewrite the table and plot in docs/training.md
+    python benchmarks/accuracy.py --epochs 1 --seeds 0 -- --train-subset 64 --val-subset 64   # smoke test
+
+On the built-in digits (32x32), with the recipes' settings and the same epochs, batch size,
+schedule and learning rate for every model, it trains:
+
+* timm's natives mobilenetv2_035 / _050 / _075 / _100, each on its own (the S-Net recipe with a
+  one-width list is exactly plain training of that timm model);
+* one US-Net supernet (mobilenetv2_100, widths [0.35, 1], sandwich rule n=4, inplace distillation,
+  BN calibrated per width);
+* one S-Net supernet (widths 0.35 / 0.5 / 0.75 / 1.0, private BN per width, all widths every step);
+* a naive supernet: the S-Net's training with one shared BN and no calibration (every width is
+  evaluated with the full width's running statistics, sliced), the baseline the papers start from;
+
+and reports the mean (and spread over seeds) of top-1 per width, one table and one plot.
+The logic is the recipes' (timm_slim.train.recipe); this script only lists the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from timm_slim.profile import WidthProfile, plot_widths
+from timm_slim.train import markdown_table, write_json
+from timm_slim.train.recipe import parse_args, run
+
+WIDTHS = (0.35, 0.5, 0.75, 1.0)
+NATIVES = {0.35: 'mobilenetv2_035', 0.5: 'mobilenetv2_050', 0.75: 'mobilenetv2_075', 1.0: 'mobilenetv2_100'}
+SUPERNETS = {  # label: (recipe, extra arguments)
+    'US-Net': ('usnet', ['--width-range', '0.35', '1.0']),
+    'S-Net': ('snet', ['--widths', *map(str, WIDTHS)]),
+    'naive': ('snet', ['--widths', *map(str, WIDTHS), '--bn', 'universal', '--bn-stats', 'full']),
+}
+LABELS = {'US-Net': 'US-Net (one supernet)', 'S-Net': 'S-Net (one supernet)', 'native': 'natives, each alone',
+          'naive': 'naive supernet (shared BN, no calibration)'}
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+BEGIN, END = '<!-- accuracy:begin -->', '<!-- accuracy:end -->'
+
+
+def train(method: str, argv: List[str]) -> Dict[float, dict]:
+    results = run(parse_args(method, argv))
+    return {row['width']: row for row in results['widths']}
+
+
+def summarise(runs: Dict[str, List[Dict[float, dict]]]) -> Dict[str, List[dict]]:
+    """Per candidate and width: MACs, mean and standard deviation of top-1 over the seeds."""
+    summary = {}
+    for label, per_seed in runs.items():
+        rows = []
+        for width in sorted(per_seed[0]):
+            top1 = [seed_rows[width]['top1'] for seed_rows in per_seed]
+            rows.append({'width': width, 'macs': per_seed[0][width]['macs'], 'params': per_seed[0][width]['params'],
+                         'top1': statistics.mean(top1), 'top1_std': statistics.pstdev(top1), 'top1_runs': top1})
+        summary[label] = rows
+    return summary
+
+
+def table(summary: Dict[str, List[dict]]) -> str:
+    native = {r['width']: r for r in summary['native']}
+    labels = [label for label in summary if label != 'native']
+    headers = ['width', 'MACs', 'native (alone)'] + labels + [f'{label} - native' for label in labels]
+    rows = []
+    for width in WIDTHS:
+        cells = [f'{width:g}', f'{native[width]["macs"] / 1e6:.2f}M', _cell(native[width])]
+        by_label = {label: {r['width']: r for r in summary[label]}[width] for label in labels}
+        cells += [_cell(by_label[label]) for label in labels]
+        cells += [f'{by_label[label]["top1"] - native[width]["top1"]:+.2f}' for label in labels]
+        rows.append(cells)
+    return markdown_table(headers, rows)
+
+
+def _cell(row: dict) -> str:
+    return f'{row["top1"]:.2f} ± {row["top1_std"]:.2f}' if len(row['top1_runs']) > 1 else f'{row["top1"]:.2f}'
+
+
+def write_docs(text: str, plot_source: str) -> None:
+    path = os.path.join(ROOT, 'docs', 'training.md')
+    with open(path) as handle:
+        page = handle.read()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f'{path} has no {BEGIN} ... {END} block to rewrite')
+    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _m: f'{BEGIN}\n{text}\n{END}', page,
+                  flags=re.S)
+    with open(path, 'w') as handle:
+        handle.write(page)
+    os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', 'accuracy_benchmark.png'))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--epochs', type=int, default=15)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--lr', type=float, default=None, help='for every model (default: the recipes\')')
+    parser.add_argument('--output', default='output/accuracy_benchmark')
+    parser.add_argument('--write-docs', action='store_true', help='rewrite the results block of docs/training.md')
+    parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
+                        help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
+    args = parser.parse_args(argv)
+    extra = [a for a in args.recipe_args if a != '--']
+    common = ['--epochs', str(args.epochs), '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1', *extra]
+    if args.lr is not None:
+        common += ['--lr', str(args.lr)]
+    started = time.perf_counter()
+    runs: Dict[str, List[Dict[float, dict]]] = {'native': []}
+    for seed in args.seeds:
+        seeded = common + ['--seed', str(seed)]
+        native = {}
+        for width, name in NATIVES.items():
+            rows = train('snet', seeded + ['--model', f'{name}_slim', '--widths', '1.0',
+                                           '--output', os.path.join(args.output, f'{name}-seed{seed}')])
+            native[width] = {**rows[1.0], 'width': width}
+        runs['native'].append(native)
+        for label, (method, extra) in SUPERNETS.items():
+            folder = os.path.join(args.output, f'{label.lower().replace("-", "")}-seed{seed}')
+            runs.setdefault(label, []).append(train(method, seeded + extra + ['--output', folder]))
+        print(f'seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min', flush=True)
+    summary = summarise(runs)
+    minutes = (time.perf_counter() - started) / 60
+    text = (f'{table(summary)}\n\nTop-1 (%) on the 360 digits test images, mean ± spread (population standard '
+            f'deviation) over seeds {", ".join(map(str, args.seeds))}; {args.epochs} epochs each, batch 64, '
+            f'the recipes\' defaults otherwise. {minutes:.0f} minutes on {os.cpu_count()} CPU cores '
+            f'({platform.processor() or platform.machine()}, torch {torch.__version__}).\n\n'
+            f'![accuracy against MACs](img/accuracy_benchmark.png)')
+    write_json({'summary': summary, 'args': vars(args), 'minutes': minutes},
+               os.path.join(args.output, 'benchmark.json'))
+    plot = os.path.join(args.output, 'accuracy_benchmark.png')
+    curve = [WidthProfile(r['width'], '', r['macs'], 0, r['params']) for r in summary['US-Net']]
+    plot_widths({LABELS['US-Net']: curve}, accuracy=[r['top1'] for r in summary['US-Net']], path=plot,
+                others={LABELS[k]: [(r['macs'], r['top1']) for r in rows] for k, rows in summary.items()
+                        if k != 'US-Net'},
+                title=f'mobilenetv2 on digits: mean top-1 (%), {len(args.seeds)} seed(s), {args.epochs} epochs')
+    print(text)
+    if args.write_docs:
+        write_docs(text, plot)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -60,3 +60,19 @@ class SliceCache:
             )
             self._key = key
         return self._tensors
+
+
+class SlicedWeights:
+    """Mixin of the weight-slicing layers: in-place conversion and the active output count."""
+
+    out_active: Optional[int]
+
+    @classmethod
+    def convert(cls, layer: nn.Module) -> nn.Module:
+        """Turn ``layer`` into a ``cls`` in place: same parameters, hooks and state-dict keys."""
+        twin_cls = type(layer)
+        layer.__class__ = cls
+        layer._twin_cls = twin_cls
+        layer.out_active = None
+        layer._cache = SliceCache()
+        return layer

@@ -9,31 +9,24 @@ still a leading slice of the full one.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.padding import pad_same
 
-from .cache import SliceCache
+from .cache import SlicedWeights
 
 
-class SlimConv2d(nn.Conv2d):
+class SlimConv2d(SlicedWeights, nn.Conv2d):
     """``nn.Conv2d`` (or timm's ``Conv2dSame``) that runs at a leading slice of its channels."""
-
-    out_active: Optional[int]
 
     @classmethod
     def convert(cls, conv: nn.Conv2d) -> SlimConv2d:
         """Turn ``conv`` into a slim layer in place: same parameters, same state-dict keys."""
-        twin_cls = type(conv)
-        conv.__class__ = cls
-        conv._twin_cls = twin_cls
-        conv._same_pad = twin_cls.__name__ == 'Conv2dSame'
-        conv.out_active = None
-        conv._cache = SliceCache()
-        return conv
+        conv._same_pad = type(conv).__name__ == 'Conv2dSame'
+        return super().convert(conv)
 
     @property
     def follows_input(self) -> bool:

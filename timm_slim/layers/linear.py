@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import SliceCache
+from .cache import SlicedWeights
 
 
-class SlimLinear(nn.Linear):
+class SlimLinear(SlicedWeights, nn.Linear):
     """``nn.Linear`` on a leading slice of its input (and, unless it is the classifier, output)."""
-
-    out_active: Optional[int]
-
-    @classmethod
-    def convert(cls, linear: nn.Linear) -> SlimLinear:
-        """Turn ``linear`` into a slim layer in place: same parameters, same state-dict keys."""
-        twin_cls = type(linear)
-        linear.__class__ = cls
-        linear._twin_cls = twin_cls
-        linear.out_active = None
-        linear._cache = SliceCache()
-        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.out_features if self.out_active is None else self.out_active

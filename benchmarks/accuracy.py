@@ -5,6 +5,9 @@
     python benchmarks/accuracy.py --write-docs          # also rewrite the table and plot in docs/training.md
     python benchmarks/accuracy.py --epochs 1 --seeds 0 -- --train-subset 64 --val-subset 64   # smoke test
 
+Runs already finished in --output with the same arguments are read back, not trained again (so
+an interrupted benchmark continues, and more seeds can be added later); --fresh trains them all.
+
 On the built-in digits (32x32), with the recipes' settings and the same epochs, batch size,
 schedule and learning rate for every model, it trains:
 
@@ -23,6 +26,7 @@ The logic is the recipes' (timm_slim.train.recipe); this script only lists the r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -50,9 +54,22 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 BEGIN, END = '<!-- accuracy:begin -->', '<!-- accuracy:end -->'
 
 
-def train(method: str, argv: List[str]) -> Dict[float, dict]:
-    results = run(parse_args(method, argv))
+def train(method: str, argv: List[str], reuse: bool) -> Dict[float, dict]:
+    """One recipe run; with ``reuse``, a finished run with the same arguments is read back instead."""
+    args = parse_args(method, argv)
+    done = os.path.join(args.output, 'results.json')
+    if reuse and os.path.exists(done):
+        with open(done) as handle:
+            results = json.load(handle)
+        if {k: v for k, v in results['args'].items() if k != 'resume'} == _comparable(args):
+            return {row['width']: row for row in results['widths']}
+    results = run(args)
     return {row['width']: row for row in results['widths']}
+
+
+def _comparable(args: argparse.Namespace) -> dict:
+    """The arguments as results.json records them (JSON types)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ('space', 'config', 'resume')}))
 
 
 def summarise(runs: Dict[str, List[Dict[float, dict]]]) -> Dict[str, List[dict]]:
@@ -106,11 +123,13 @@ def main(argv=None) -> int:
     parser.add_argument('--lr', type=float, default=None, help='for every model (default: the recipes\')')
     parser.add_argument('--output', default='output/accuracy_benchmark')
     parser.add_argument('--write-docs', action='store_true', help='rewrite the results block of docs/training.md')
+    parser.add_argument('--fresh', action='store_true', help='train every run again, even those already in --output')
     parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
                         help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
     args = parser.parse_args(argv)
     extra = [a for a in args.recipe_args if a != '--']
-    common = ['--epochs', str(args.epochs), '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1', *extra]
+    common = ['--epochs', str(args.epochs), '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none',
+              '--checkpoint-hist', '1', *extra]
     if args.lr is not None:
         common += ['--lr', str(args.lr)]
     started = time.perf_counter()
@@ -120,12 +139,14 @@ def main(argv=None) -> int:
         native = {}
         for width, name in NATIVES.items():
             rows = train('snet', seeded + ['--model', f'{name}_slim', '--widths', '1.0',
-                                           '--output', os.path.join(args.output, f'{name}-seed{seed}')])
+                                           '--output', os.path.join(args.output, f'{name}-seed{seed}')],
+                         reuse=not args.fresh)
             native[width] = {**rows[1.0], 'width': width}
         runs['native'].append(native)
         for label, (method, extra) in SUPERNETS.items():
             folder = os.path.join(args.output, f'{label.lower().replace("-", "")}-seed{seed}')
-            runs.setdefault(label, []).append(train(method, seeded + extra + ['--output', folder]))
+            runs.setdefault(label, []).append(train(method, seeded + extra + ['--output', folder],
+                                                    reuse=not args.fresh))
         print(f'seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min', flush=True)
     summary = summarise(runs)
     minutes = (time.perf_counter() - started) / 60

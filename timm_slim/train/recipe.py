@@ -45,9 +45,9 @@ __all__ = ['METHODS', 'build_parser', 'main', 'parse_args', 'run']
 
 METHODS = {'snet': 'S-Net', 'usnet': 'US-Net'}
 
-# Defaults that differ between the recipes. Learning rate: the gradients of every sampled width
-# add up in one step (four of them by default), so the single-model rate of this data set (0.05)
-# is too high for a supernet; FACTS.md measured 0.05 diverging and 0.02 training.
+# Defaults that differ between the recipes. The learning rate is shared: the gradients of every
+# sampled width add up in one step (four by default); on the digits 0.02 beat 0.05 for a US-Net
+# by 2-5 points per width (docs/training.md has the measurements).
 _DEFAULTS = {
     'snet': dict(widths=[0.35, 0.5, 0.75, 1.0], inplace_distill=False, bn=SWITCHABLE, output='output/snet'),
     'usnet': dict(width_range=[0.35, 1.0], inplace_distill=True, bn=UNIVERSAL, output='output/usnet'),
@@ -207,7 +207,7 @@ def check_args(args: argparse.Namespace) -> None:
             args.space.check_uniform(width)
         except ValueError as error:
             raise ValueError(f'--eval-widths: {error}') from None
-    bn = args.bn if args.method == 'snet' else UNIVERSAL
+    bn = args.bn
     if args.bn_stats == 'running' and bn == UNIVERSAL:
         raise ValueError('--bn-stats running: a shared (universal) BN tracks statistics only at full width; '
                          'use calibrate or full')
@@ -254,6 +254,14 @@ def _spread(dataset: torch.utils.data.Dataset, count: Optional[int]) -> torch.ut
 
 
 @dataclass
+class Datasets:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    calib: torch.utils.data.Dataset
+    num_classes: int
+
+
+@dataclass
 class Data:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
@@ -295,22 +303,26 @@ def _num_classes(args: argparse.Namespace, dataset: torch.utils.data.Dataset) ->
     raise ValueError(f'cannot tell the number of classes of {args.dataset or args.data_dir}; pass --num-classes')
 
 
-def build_data(args: argparse.Namespace, model: Optional[nn.Module], accelerator: Any) -> Data:
-    """Train, validation and calibration loaders (the calibration loader is the same fixed
-    sample of training images, evaluation transform, on every process)."""
-    from timm.data import create_loader, resolve_data_config
-
-    with accelerator.main_process_first():
+def build_datasets(args: argparse.Namespace, accelerator: Any) -> Datasets:
+    """Train, validation and calibration data sets: the calibration set is the same fixed sample
+    of training images (evaluation transform) on every process, so every process calibrates alike."""
+    with accelerator.main_process_first():  # a download happens once
         train_set = _make_dataset(args, args.train_split, True)
         val_set = _make_dataset(args, args.val_split, False)
         calib_set = _make_dataset(args, args.train_split, False)
     num_classes = _num_classes(args, train_set)
-    train_set = _spread(train_set, args.train_subset)
-    val_set = _spread(val_set, args.val_subset)
     calib_set = _spread(calib_set, args.train_subset)
     if len(calib_set) > args.calib_images:
         order = torch.randperm(len(calib_set), generator=torch.Generator().manual_seed(args.seed))
         calib_set = _Subset(calib_set, sorted(order[:args.calib_images].tolist()))
+    return Datasets(_spread(train_set, args.train_subset), _spread(val_set, args.val_subset), calib_set, num_classes)
+
+
+def build_data(args: argparse.Namespace, sets: Datasets, model: nn.Module, accelerator: Any) -> Data:
+    """timm loaders and transforms for ``sets``; input size, mean and std from the model's
+    pretrained config (the digits have their own)."""
+    from timm.data import create_loader, resolve_data_config
+
     if _uses_digits(args):
         size = args.img_size or DIGITS_IMAGE_SIZE
         config = dict(input_size=(3, size, size), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
@@ -319,7 +331,7 @@ def build_data(args: argparse.Namespace, model: Optional[nn.Module], accelerator
         workers = 0
     else:
         overrides = {'input_size': (3, args.img_size, args.img_size)} if args.img_size else {}
-        config = resolve_data_config(overrides, model=unwrap(model) if model is not None else None)
+        config = resolve_data_config(overrides, model=unwrap(model))
         aug = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4)
         workers = 4
     aug.update({k: v for k, v in (('scale', args.scale), ('hflip', args.hflip), ('color_jitter', args.color_jitter))
@@ -329,13 +341,13 @@ def build_data(args: argparse.Namespace, model: Optional[nn.Module], accelerator
                   interpolation=config['interpolation'], mean=config['mean'], std=config['std'],
                   crop_pct=config['crop_pct'], num_workers=workers, persistent_workers=False,
                   pin_memory=accelerator.device.type == 'cuda')
-    train = create_loader(train_set, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+    train = create_loader(sets.train, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
                           auto_augment=args.aa, ratio=tuple(args.ratio), **{k: tuple(v) if k == 'scale' else v
                                                                          for k, v in aug.items()}, **common)
-    val = create_loader(val_set, is_training=False, **common)
-    calib = create_loader(calib_set, is_training=False, **common)
+    val = create_loader(sets.val, is_training=False, **common)
+    calib = create_loader(sets.calib, is_training=False, **common)
     name = 'digits' if _uses_digits(args) else (args.dataset or args.data_dir)
-    return Data(train, val, calib, num_classes, tuple(config['input_size']), name, len(train_set))
+    return Data(train, val, calib, sets.num_classes, tuple(config['input_size']), name, len(sets.train))
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -349,7 +361,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise ValueError(f'--model {args.model}: unknown model; give a *_slim name (`timm-slim list`) or a timm '
                          f'ResNet/MobileNet/EfficientNet name')
     space = args.space.to_dict()
-    bn = args.bn if args.method == 'snet' else UNIVERSAL
+    bn = args.bn
     kwargs = dict(num_classes=num_classes, pretrained=args.pretrained, drop_rate=args.drop)
     if args.drop_path is not None:
         kwargs['drop_path_rate'] = args.drop_path
@@ -367,7 +379,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 def _stats_mode(args: argparse.Namespace, final: bool) -> str:
     if args.bn_stats != 'auto':
         return args.bn_stats
-    bn = args.bn if args.method == 'snet' else UNIVERSAL
+    bn = args.bn
     if bn == SWITCHABLE and not final:
         return 'running'
     return 'calibrate'
@@ -393,7 +405,7 @@ def _checksums(model: nn.Module, accelerator: Any) -> List[List[float]]:
 def _run_description(args: argparse.Namespace, data: Data) -> Dict[str, Any]:
     """What must match for a checkpoint to be resumed by this run."""
     return {'method': args.method, 'model': args.model, 'space': args.space.to_dict(),
-            'bn': args.bn if args.method == 'snet' else UNIVERSAL, 'num_classes': data.num_classes,
+            'bn': args.bn, 'num_classes': data.num_classes,
             'epochs': args.epochs}
 
 
@@ -411,7 +423,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from timm.scheduler import create_scheduler_v2
 
     started = time.perf_counter()
-    bn = args.bn if args.method == 'snet' else UNIVERSAL
+    bn = args.bn
     widths = list(args.space.choices) if args.space.is_discrete else None
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -423,11 +435,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     )
     set_seed(args.seed)
     say = accelerator.print
-    data = build_data(args, None, accelerator) if _uses_digits(args) else None
-    num_classes = data.num_classes if data else _num_classes(args, _make_dataset(args, args.train_split, True))
-    model = build_model(args, num_classes)
-    if data is None:
-        data = build_data(args, model, accelerator)
+    sets = build_datasets(args, accelerator)
+    model = build_model(args, sets.num_classes)
+    data = build_data(args, sets, model, accelerator)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -436,8 +446,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, data.train, data.val)
     updates_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
     scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
-                                    warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+                                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                       min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
     ema = None
     if args.model_ema:

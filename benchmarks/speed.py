@@ -1,6 +1,6 @@
 """How fast is each width, really? Side by side, in one process, interleaved.
 
-    python benchmarks/speed.py                 # all three models, batch 1 and 8 (about 6 minutes on 2 cores)
+    python benchmarks/speed.py                 # all three models, batch 1 and 8 (about 7 minutes on 2 cores)
     python benchmarks/speed.py --write-docs    # also rewrite the results in docs/benchmarks.md and its plot
 
 For mobilenetv2_100_slim, mobilenetv3_large_100_slim and resnet50_slim (224x224, channels_last,
@@ -139,8 +139,11 @@ def plot(results: List[dict], built: dict, path: str) -> None:
     for r in results:
         rows = curves.setdefault(f'{r["model"]}, batch {r["batch"]}', ProfileRows(model=r['model']))
         source = next(row for row in built[r['model']]['macs'] if row.width == r['width'])
-        timing = r['timings'][f'super {r["width"]}']
-        rows.append(dataclasses.replace(source, latency_ms=statistics.median(timing.fastest_per_round(PER_ROUND))))
+        full = r['timings']['super 1.0']
+        # the same paired ratio as column (c), on the scale of the full width's time
+        latency = paired_ratio(r['timings'][f'super {r["width"]}'], full, PER_ROUND) * statistics.median(
+            full.fastest_per_round(PER_ROUND))
+        rows.append(dataclasses.replace(source, latency_ms=latency))
     plot_widths(curves, metric='macs', relative=True, path=path,
                 title='Supernet in place: time against MACs, both relative to width 1.0')
 

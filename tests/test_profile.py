@@ -158,7 +158,7 @@ def test_time_interleaved_runs_setups_round_by_round():
     assert {k: t.samples for k, t in timings.items()} == {'a': 6, 'b': 6}
     round_of_a = ['set a', 'a', 'a', 'a', 'a']
     round_of_b = ['set b', 'b', 'b', 'b', 'b']
-    assert order == ['set a', 'a', 'set b', 'b'] + (round_of_a + round_of_b) * 2
+    assert order == ['set a', 'a', 'set b', 'b'] + round_of_a + round_of_b + round_of_b + round_of_a
     with pytest.raises(ValueError, match='rounds'):
         time_interleaved(calls, rounds=0)
 

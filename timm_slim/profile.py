@@ -296,8 +296,10 @@ def time_interleaved(
     Timing one candidate after another lets machine drift (other processes, clock changes)
     bias the comparison; interleaving spreads it over all of them. In each round every
     candidate runs its ``setup`` (e.g. ``set_width``), one untimed call (which rebuilds any
-    cache the setup dropped) and ``per_round`` timed calls. ``warmup`` untimed calls of each
-    come first. Runs under ``torch.inference_mode``.
+    cache the setup dropped) and ``per_round`` timed calls. Every other round goes in reverse
+    order, so that no candidate always runs first after another one (which costs a few
+    percent of cold caches). ``warmup`` untimed calls of each come first. Runs under
+    ``torch.inference_mode``.
     """
     if rounds < 1 or per_round < 1 or warmup < 0:
         raise ValueError(f'rounds and per_round must be >= 1 and warmup >= 0, got {rounds}, {per_round}, {warmup}')
@@ -311,8 +313,10 @@ def time_interleaved(
                 setups[name]()
             for _ in range(warmup):
                 call()
-        for _ in range(rounds):
-            for name, call in calls.items():
+        names = list(calls)
+        for round_index in range(rounds):
+            for name in names if round_index % 2 == 0 else reversed(names):
+                call = calls[name]
                 if name in setups:
                     setups[name]()
                 call()

@@ -1,7 +1,9 @@
 """Test-session settings shared by every test file.
 
-Under pytest-xdist (``-n auto``, see pyproject.toml) each worker is its own process: one torch
-thread per worker keeps two workers on two cores from oversubscribing them.
+Under pytest-xdist (``-n auto``, see pyproject.toml) each worker is its own process, and tests
+start more (CLI runs, gloo ranks). One torch/OpenMP thread per process keeps them from
+oversubscribing the cores: on a busy 2-core machine two threads per process made a forward pass
+100x slower. Subprocesses inherit ``OMP_NUM_THREADS`` from here.
 """
 
 from __future__ import annotations
@@ -10,5 +12,5 @@ import os
 
 import torch
 
-if os.environ.get('PYTEST_XDIST_WORKER'):
-    torch.set_num_threads(1)
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)

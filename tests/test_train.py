@@ -128,19 +128,20 @@ def test_every_width_gets_gradients_in_one_step(kind, digits_batch):
 
 @pytest.mark.parametrize('kind', ['snet', 'usnet'])
 def test_loss_falls_on_a_fixed_batch(kind, digits_batch):
-    # resnet18: mobilenetv2 at 32x32 (1x1 feature maps, BatchNorm over 16 samples) is too erratic on
-    # one small batch for a few steps to show a trend; the recipes train it on the full data set.
+    # resnet18 at 16x16: mobilenetv2 at 32x32 (1x1 feature maps, BatchNorm over 16 samples) is too
+    # erratic on one small batch for a few steps to show a trend; the recipes train it on the full set.
     torch.manual_seed(0)
     space = {'widths': SNET_WIDTHS} if kind == 'snet' else {'width_range': (0.35, 1.0)}
     model = timm.create_model('resnet18_slim', num_classes=10, **space)
     optimizer = torch.optim.SGD(param_groups(model, 1e-5), lr=0.02, momentum=0.9, nesterov=True)
     sampler = AllWidths(SNET_WIDTHS) if kind == 'snet' else Sandwich(0.35, 1.0, n=4, seed=0)
     trainer = Trainer(model, optimizer, sampler, distill=kind == 'usnet')
-    history = [trainer.train_batches([digits_batch]) for _ in range(8)]
+    images = torch.nn.functional.interpolate(digits_batch[0], size=16, mode='bilinear', antialias=True)
+    history = [trainer.train_batches([(images, digits_batch[1])]) for _ in range(8)]
     assert trainer.step == 8
     first, last = history[0], history[-1]
-    assert last[1.0] < 0.75 * first[1.0]  # the teacher, on labels
-    assert last[0.35] < 0.9 * first[0.35]  # the smallest width (every step trains it)
+    assert last[1.0] < 0.5 * first[1.0]  # the teacher, on labels
+    assert last[0.35] < 0.75 * first[0.35]  # the smallest width (every step trains it)
 
 
 def test_gradient_accumulation_equals_the_mean_of_micro_batch_gradients(digits_batch):
@@ -346,7 +347,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(method,
 # -- resume after SIGKILL -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_and_ends_like_an_uninterrupted_run(tmp_path):
-    argv = TINY + ['--epochs', '3', '--model-ema']
+    argv = TINY + ['--epochs', '2', '--model-ema']
     script = [sys.executable, str(RECIPES / 'usnet.py')]
     whole = tmp_path / 'whole'
     done = subprocess.run(script + argv + ['--output', str(whole)], env=_env(), cwd=tmp_path, capture_output=True,

@@ -9,6 +9,12 @@ in float64 any routing mistake still shows as a difference of order one.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +27,7 @@ from timm_slim.dynamic import add_gates, calibrate_routes, gate_parameters, mask
 from timm_slim.dynamic.cost import parse_target_macs, route_costs
 from timm_slim.dynamic.losses import choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from timm_slim.dynamic.report import evaluate_dynamic
-from timm_slim.dynamic.train import GateTrainer, freeze_backbone
+from timm_slim.dynamic.train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, IEBTargets, freeze_backbone
 
 IMAGE = (3, 32, 32)
 
@@ -402,3 +408,125 @@ def test_evaluate_dynamic_reports_routes_macs_and_histogram(small):
     assert records[0]['widths'] == [small.ds.choices[records[0]['route'][0]]]
     assert result.summary()['macs_fraction'] == pytest.approx(result.mean_macs / costs.full)
     assert 'gate@3' in result.histogram_text()
+
+
+# -- Stage I ------------------------------------------------------------------------------------
+
+def test_ieb_sampler_full_width_random_widths_and_routes_then_the_smallest_route():
+    model = timm.create_model('resnet18_ds', num_classes=10, width_range=(0.25, 1.0))
+    sampler = IEBSampler(model, n=4, seed=3)
+    widths = sampler(7)
+    assert widths == sampler(7) and widths != sampler(8)        # a function of the step: ranks agree
+    assert widths[0] == 1.0 and widths[-1] == 0.25 == sampler.smallest
+    assert isinstance(widths[1], float) and 0.25 <= widths[1] <= 1.0     # a uniform (US-Net) width
+    route = widths[2]
+    assert route[0] == model.ds.fixed and set(route[1:]) <= set(model.ds.choices)   # a route
+    assert all(timm_slim.set_width(model, w) is not None for w in widths)
+    with pytest.raises(ValueError, match='n >= 3'):
+        IEBSampler(model, n=2)
+
+
+def test_ieb_losses_teacher_for_random_widths_ensemble_for_the_smallest():
+    labels = torch.tensor([1, 2])
+    teacher = torch.tensor([[0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
+    targets = IEBTargets(labels=labels, teacher=teacher)
+    criterion = IEBCriterion(nn.CrossEntropyLoss(), n=4)
+    logits = [torch.randn(2, 3) for _ in range(4)]
+    soft = lambda z, p: -(p * z.log_softmax(-1)).sum(-1).mean()  # noqa: E731
+    torch.testing.assert_close(criterion(logits[0], targets), nn.functional.cross_entropy(logits[0], labels))
+    torch.testing.assert_close(criterion(logits[1], targets), soft(logits[1], teacher))
+    torch.testing.assert_close(criterion(logits[2], targets), soft(logits[2], teacher))
+    ensemble = (teacher + logits[1].softmax(-1) + logits[2].softmax(-1)) / 3
+    torch.testing.assert_close(criterion(logits[3], targets), soft(logits[3], ensemble))
+
+
+def test_ieb_step_with_the_engine_trains_the_backbone_not_the_gates():
+    from timm_slim.train import SlimModelEma, Trainer
+
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, width_range=(0.35, 1.0),
+                              choices=(0.35, 0.5, 1.0))
+    for p in model.gates.parameters():
+        p.requires_grad_(False)
+    ema = SlimModelEma(model, decay=0.997, use_warmup=True)
+    images, labels = _digits(16)
+    gates = copy.deepcopy(model.gates.state_dict())
+    conv = model.conv_stem.weight.detach().clone()
+    loader = IEBLoader([(images, labels)], ema)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        torch.testing.assert_close(batch[1].teacher, ema.module.eval()(images).softmax(-1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = Trainer(model, optimizer, IEBSampler(model), criterion=IEBCriterion(nn.CrossEntropyLoss()), ema=ema)
+    losses = trainer.train_epoch(loader, 0, progress=False)
+    assert losses['step'] == 1 and losses['others_loss'] > 0
+    assert not torch.equal(model.conv_stem.weight, conv)
+    assert all(torch.equal(v, model.gates.state_dict()[k]) for k, v in gates.items())
+    assert not torch.equal(ema.module.conv_stem.weight, conv)   # the teacher moved too
+
+
+# -- the recipe -----------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'mobilenetv2_050_ds', '--train-subset', '32', '--val-subset', '32', '--batch-size', '8',
+        '--epochs', '1', '--gate-epochs', '1', '--calib-images', '32', '--route-calib-images', '16',
+        '--target-macs', '0.4', '--no-progress', '--log-with', 'none', '--warmup-epochs', '0']
+
+
+def test_recipe_runs_both_stages_reports_and_saves(tmp_path, capsys):
+    from timm_slim.dynamic.recipe import main
+
+    assert main(TINY + ['--target-macs', '0.4', '1.2M', '--output', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert 'Stage I (In-place Ensemble Bootstrapping' in out and 'Stage II, target' in out
+    assert 'dynamic@0.4 |' in out and 'dynamic@1.2M |' in out
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert [r['width'] for r in results['dynamic']] == ['dynamic@0.4', 'dynamic@1.2M']
+    assert results['dynamic'][1]['target'] == 1.2e6
+    assert sum(results['dynamic'][0]['histogram'][0]) == 32
+    routes = json.loads((tmp_path / 'routes.json').read_text())
+    assert len(routes['0.4']) == 32 and set(routes['0.4'][0]) == {'route', 'widths', 'macs', 'correct'}
+    assert (tmp_path / 'accuracy_vs_macs.png').stat().st_size > 0
+    gated = timm_slim.load(tmp_path / 'dsnet-target-0_4.safetensors')
+    timm_slim.set_width(gated, 'dynamic')
+    with torch.no_grad():
+        assert gated.eval()(_inputs(torch.float32, 3)).shape == (3, 10)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--target-macs', '0.01'], 'outside what the routes can reach'),
+    (['--choices', '0.1', '1.0'], "gate choice 0.1 is not in the supernet's width space"),
+    (['--gates-at', '9'], 'no gate can sit at stage 9'),
+    (['--num-widths', '2'], 'at least 3 widths per step'),
+    (['--noise-anneal', '0'], '--noise-anneal must be in (0, 1]'),
+])
+def test_recipe_bad_input_is_one_clear_error(argv, message, tmp_path, capsys):
+    from timm_slim.dynamic.recipe import main
+
+    assert main(TINY + argv + ['--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('dsnet.py: error:') and message in err, err
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_run_both_stages_in_sync(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1')
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+              '--main_process_port', str(_free_port()), str(ROOT / 'recipes' / 'dsnet.py')]
+    done = subprocess.run(launch + TINY + ['--gate-epochs', '2', '--output', str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['processes'] == 2
+    assert results['stage1'][-1]['step'] == 2       # 32 images, 2 processes x batch 8
+    assert results['param_checksums'][0] == results['param_checksums'][1]    # Stage I: identical ranks
+    gates = results['dynamic'][0]['gate_checksums']
+    assert gates[0] == gates[1]                                              # Stage II: identical gates
+    assert sum(results['dynamic'][0]['histogram'][0]) == 32                  # every validation image, once

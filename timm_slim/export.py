@@ -123,7 +123,8 @@ def _model_args(net: nn.Module) -> Dict[str, Any]:
     """The base model's constructor arguments that survive JSON (timm records them)."""
     args = {}
     for key, value in (getattr(net, '_model_args', None) or {}).items():
-        if key in ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay'):
+        if key in ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay',
+                   'choices', 'at', 'fixed', 'se', 'tau'):   # timm_slim's own (DS-Net gates: add_gates)
             continue
         try:
             json.dumps(value)
@@ -148,7 +149,8 @@ def save_supernet(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write the whole supernet (all widths, calibrated statistics) to ``path``, atomically."""
     net = unwrap(model)
     state = net.slim
-    header = _header(net, kind='supernet', bn=state.bn, **state.space.to_dict())
+    gates = {'gates': net.ds.config()} if hasattr(net, 'ds') else {}
+    header = _header(net, kind='supernet', bn=state.bn, **state.space.to_dict(), **gates)
     _atomic_save(net.state_dict(), path, header)
 
 
@@ -179,6 +181,10 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu'
     if header.get('kind') == 'supernet':
         space = {'widths': header['widths']} if 'widths' in header else {'width_range': header['width_range']}
         net = slimmify(base, bn=header['bn'], **space)
+        if header.get('gates'):
+            from .dynamic import add_gates
+
+            add_gates(net, **header['gates'])
         net.to_empty(device=device)
         net.load_state_dict(tensors, strict=True)
         return net

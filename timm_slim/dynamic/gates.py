@@ -96,6 +96,8 @@ class DynamicState:
     tau: float
     se: bool
     num_stages: int
+    reduction: int = 4
+    noise: float = 1.0      # scale of the Gumbel noise while training (Stage II anneals it to 0)
     last: Optional[Decisions] = None
     cache: Dict[str, Any] = field(default_factory=dict)
 
@@ -110,6 +112,11 @@ class DynamicState:
     @property
     def num_routes(self) -> int:
         return self.num_choices ** self.num_gates
+
+    def config(self) -> Dict[str, Any]:
+        """The ``add_gates`` arguments that rebuild these gates (saved with a supernet)."""
+        return {'choices': list(self.choices), 'at': list(self.gate_stages), 'fixed': self.fixed, 'se': self.se,
+                'tau': self.tau, 'reduction': self.reduction}
 
     def segment_of_stage(self, stage: int) -> int:
         """0 for the stages before the first gate, ``j + 1`` for the stages gate ``j`` controls."""
@@ -250,7 +257,7 @@ def add_gates(
     if isinstance(reduction, bool) or not isinstance(reduction, numbers.Integral) or reduction < 1:
         raise ValueError(f'reduction must be a positive integer, got {reduction!r}')
     ds = DynamicState(choices=checked, gate_stages=stages, fixed=fixed, tau=float(tau), se=bool(se),
-                      num_stages=net.slim.num_stages)
+                      num_stages=net.slim.num_stages, reduction=int(reduction))
     _check_segments(net, ds)
     state = net.slim
     full = state.counts(1.0)

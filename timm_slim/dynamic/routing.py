@@ -13,10 +13,10 @@ a full ``set_width`` costs more than a small network's forward.
 BatchNorm output is multiplied by a per-input channel mask: the mask of a layer in segment
 ``j`` is ``onehot_j @ M`` where row ``k`` of ``M`` keeps the channels the layer has at choice
 ``k``; ``onehot_j`` is the Gumbel-softmax straight-through sample of gate ``j`` (temperature
-``model.ds.tau``), so gradients reach the gates. The backbone's BatchNorms run in eval mode
-and normalise every input with the statistics of *its* route (gathered per input from the
-calibrated per-route statistics), so with the noise off the masked computation equals
-grouped inference.
+``model.ds.tau``, Gumbel noise scaled by ``model.ds.noise``), so gradients reach the gates. The
+backbone's BatchNorms run in eval mode and normalise every input with the statistics of *its*
+route (gathered per input from the calibrated per-route statistics), so with the noise off the
+masked computation equals grouped inference.
 
 BatchNorm statistics of a route (universal BN) are calibrated with ``calibrate_routes``. A
 BatchNorm in segment ``j`` depends only on the decisions up to gate ``j - 1``; routing reads
@@ -110,7 +110,7 @@ def _static_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if self.slim.width == DYNAMIC:
         if self.gates.training:
-            return _masked_forward(self, x, noise=True)
+            return _masked_forward(self, x, noise=self.ds.noise)
         return _grouped_forward(self, x)
     if self.ds.se:
         return _static_forward(self, x)
@@ -253,10 +253,13 @@ def _decisions(routes: torch.Tensor, logits: torch.Tensor) -> Decisions:
 
 # -- training: the full-width computation with per-input channel masks ------------------------
 
-def straight_through(logits: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
-    """One-hot decisions whose gradient is that of the (Gumbel-)softmax at temperature ``tau``."""
+def straight_through(logits: torch.Tensor, tau: float, noise: float) -> torch.Tensor:
+    """One-hot decisions ``argmax(logits + noise * g)`` (``g``: Gumbel noise) whose gradient is
+    that of ``softmax((logits + noise * g) / tau)``: Gumbel-softmax straight-through at
+    ``noise=1``, the deterministic argmax (as in inference) at ``noise=0``."""
     if noise:
-        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=True)
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        logits = logits + noise * gumbels
     soft = (logits / tau).softmax(-1)
     hard = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft
@@ -346,7 +349,7 @@ class _Masking:
                 handle.remove()
 
 
-def _masked_forward(net: nn.Module, x: torch.Tensor, noise: bool) -> torch.Tensor:
+def _masked_forward(net: nn.Module, x: torch.Tensor, noise: float) -> torch.Tensor:
     ds: DynamicState = net.ds
     run, plans = _runner(net), _plans(net)
     if any(layer.training for layers in plans.segment_layers for _, layer in layers
@@ -377,10 +380,10 @@ def _masked_forward(net: nn.Module, x: torch.Tensor, noise: bool) -> torch.Tenso
     return out
 
 
-def masked_forward(model: nn.Module, x: torch.Tensor, noise: bool = False) -> torch.Tensor:
+def masked_forward(model: nn.Module, x: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
     """The masked full-width computation the gates train with, run on demand.
 
-    With ``noise=False`` the decisions are the gates' argmax, as in inference, so (backbone in
+    With ``noise=0`` the decisions are the gates' argmax, as in inference, so (backbone in
     eval mode) the output equals ``model(x)`` in dynamic mode up to float rounding. Gradients
     reach the gates through the straight-through estimator either way.
     """

@@ -530,3 +530,21 @@ def test_two_gloo_processes_run_both_stages_in_sync(tmp_path):
     gates = results['dynamic'][0]['gate_checksums']
     assert gates[0] == gates[1]                                              # Stage II: identical gates
     assert sum(results['dynamic'][0]['histogram'][0]) == 32                  # every validation image, once
+
+
+def test_supernet_deep_copies_after_sliced_inference_and_an_optimizer_step():
+    """Regression (core, timm_slim/layers/cache.py): the slice cache held a *view* of the
+    classifier's bias made under no_grad; after an optimizer step deepcopy (an EMA, a gated
+    copy per target) raised. The cache now always holds copies."""
+    model = timm.create_model('resnet18_slim', num_classes=10)
+    timm_slim.calibrate_bn(model, [torch.randn(4, *IMAGE)], widths=[0.5], num_images=4)
+    timm_slim.set_width(model, 0.5)
+    with torch.no_grad():
+        model.eval()(torch.randn(2, *IMAGE))
+    bias = model.fc._cache._tensors[1]
+    assert bias.data_ptr() != model.fc.bias.data_ptr()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    timm_slim.set_width(model, 1.0)
+    model.train()(torch.randn(4, *IMAGE)).sum().backward()
+    optimizer.step()
+    copy.deepcopy(model)

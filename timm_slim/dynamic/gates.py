@@ -27,6 +27,8 @@ from timm.layers import make_divisible
 
 from ..channels import UnsupportedModelError
 from ..control import unwrap
+from ..convert import slim_layers
+from ..layers import SlimConv2d, SlimLinear
 from ..width import format_width
 
 DEFAULT_CHOICES = (0.25, 0.5, 0.75, 1.0)
@@ -269,6 +271,10 @@ def add_gates(
     param = next(net.parameters())
     net.gates = gates.to(device=param.device, dtype=param.dtype)
     net.ds = ds
+    for name, layer in slim_layers(net):
+        if isinstance(layer, (SlimConv2d, SlimLinear)) and ds.segment_of_stage(state.graph.stage_of[name]):
+            # inputs take different routes: keep a contiguous slice per (input, output) choice pair
+            layer._cache.capacity = ds.num_choices ** 2
     from .routing import install_forward
 
     install_forward(net)

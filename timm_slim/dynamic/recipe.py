@@ -54,7 +54,7 @@ from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, freeze_back
 
 __all__ = ['build_dsnet_parser', 'main', 'parse_args', 'run']
 
-DEFAULT_MODEL = 'mobilenetv2_100_ds'
+DEFAULT_MODEL = 'resnet18_ds'
 
 
 def build_dsnet_parser() -> argparse.ArgumentParser:
@@ -263,7 +263,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         outcome = _stage2(args, accelerator, net, costs, target, val_loader, data, say)
         result = outcome['result']
         key = width_key(float(text)) if _is_number(text) else text
-        dynamic_rows.append({'target': target, 'top1': result.top1, 'macs': result.mean_macs,
+        dynamic_rows.append({'target': target, 'file': f'dsnet-target-{key}.safetensors', 'top1': result.top1,
+                             'macs': result.mean_macs,
                              'fraction': result.macs_fraction, 'histogram': result.histogram(),
                              'history': outcome['history'], 'width': f'dynamic@{text}',
                              'gate_checksums': outcome['gate_checksums']})
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if accelerator.is_main_process:
             gated = copy.deepcopy(net)
             gated.gates.load_state_dict(outcome['gates'])
-            save_supernet(gated, os.path.join(args.output, f'dsnet-target-{key}.safetensors'))
+            save_supernet(gated, os.path.join(args.output, dynamic_rows[-1]['file']))
 
     results = {
         'method': 'dsnet', 'model': args.model, 'data': data.name, 'input_size': list(data.input_size),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..control import get_width, set_width, unwrap
-from ..width import format_width
+from ..profile import Timing, profile, time_interleaved
+from ..width import Width, format_width
 from .cost import RouteCosts
 
 
@@ -103,3 +104,64 @@ def evaluate_dynamic(model: nn.Module, loader: Iterable, costs: RouteCosts, acce
         raise ValueError('evaluate_dynamic: the loader yielded no images')
     return DynamicResult(routes=torch.cat(routes).cpu(), macs=torch.cat(macs).cpu(), correct=torch.cat(correct).cpu(),
                          choices=ds.choices, gate_stages=ds.gate_stages, full_macs=costs.full)
+
+
+def static_width_for_macs(model: nn.Module, macs: float, input_size: Tuple[int, int, int], step: float = 0.01
+                          ) -> Tuple[float, int]:
+    """The uniform width (a multiple of ``step`` in the supernet's range) whose MACs are closest
+    to ``macs``, and its MACs: the static network a dynamic operating point is compared with."""
+    net = unwrap(model)
+    space = net.slim.space
+    grid = [w for w in (round(space.low + i * step, 6) for i in range(int((space.high - space.low) / step) + 1))
+            if w <= space.high]
+    if space.high not in grid:
+        grid.append(space.high)
+    if space.is_discrete:
+        grid = list(space.choices)
+    cost: Dict[float, int] = {}
+
+    def macs_of(width: float) -> int:
+        if width not in cost:
+            cost[width] = profile(net, widths=[width], input_size=input_size)[0].macs
+        return cost[width]
+
+    lo, hi = 0, len(grid) - 1                 # MACs grow with the width: bisect, then pick the nearer
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if macs_of(grid[mid]) <= macs else (lo, mid)
+    best = min((grid[lo], grid[hi]), key=lambda w: abs(macs_of(w) - macs))
+    return best, macs_of(best)
+
+
+def time_per_image(
+        candidates: Mapping[str, Tuple[nn.Module, Width]],
+        images: torch.Tensor,
+        batch_sizes: Sequence[int] = (1, 32),
+        rounds: int = 10,
+        per_round: int = 3,
+        warmup: int = 3,
+) -> Dict[int, Dict[str, Timing]]:
+    """Milliseconds per image of every candidate ``{label: (model, width or 'dynamic')}`` on the
+    same ``images``, at each batch size, interleaved round by round (``time_interleaved``).
+
+    At batch ``b`` one timed call runs all of ``images`` in batches of ``b`` (at batch 1, one
+    input at a time, so a dynamic model meets the routes real inputs take). Each model should be
+    its own object (its slice caches then hold its own widths); it runs in eval mode, its width
+    set once. Returns ``{batch size: {label: Timing per image}}``; compare two candidates with
+    ``timm_slim.profile.paired_ratio(a, b, per_round)`` (round by round, robust to a busy machine).
+    """
+    for model, width in candidates.values():
+        unwrap(model).eval()
+        set_width(model, width)
+    results = {}
+    for batch in batch_sizes:
+        if images.shape[0] % batch:
+            raise ValueError(f'{images.shape[0]} images do not split into batches of {batch}')
+        chunks = list(images.split(batch))
+        calls = {label: (lambda m=model, c=chunks: [m(chunk) for chunk in c])
+                 for label, (model, _) in candidates.items()}
+        timings = time_interleaved(calls, rounds=rounds, per_round=per_round, warmup=warmup)
+        n = images.shape[0]
+        results[batch] = {label: Timing(t.median_ms / n, t.iqr_ms / n, [s / n for s in t.values_ms])
+                          for label, t in timings.items()}
+    return results

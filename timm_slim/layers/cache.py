@@ -4,12 +4,13 @@
 at inference a slim layer keeps one contiguous copy of its active slice. The copy is dropped
 as soon as the weight changes (an optimizer step or ``load_state_dict`` bumps the tensor's
 version counter; ``.to()`` changes its storage) or another width is asked for, so the cache
-never holds more than one width's weights. While autograd records, slices are plain views so
-gradients reach the shared weight.
+never holds more than one width's weights (``capacity`` widths, for a DS-Net's gated stages).
+While autograd records, slices are plain views so gradients reach the shared weight.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -26,22 +27,31 @@ def _is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.stride() == (height * width * channels, 1, width * channels, channels)
 
 
-def _contiguous_like(view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+def _copy_like(view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in ``full``'s memory format. Always a copy: a cached *view* of a weight
+    (``contiguous()`` of a slice that already is one) made under no_grad cannot be deep-copied
+    once an optimizer has updated the weight in place, which broke copying a model (an EMA)."""
     if _is_channels_last(full):
-        return view.contiguous(memory_format=torch.channels_last)
-    return view.contiguous()
+        return view.clone(memory_format=torch.channels_last)
+    return view.clone(memory_format=torch.contiguous_format)
 
 
 class SliceCache:
-    """Caches ``weight[:out, :inp]`` (and ``bias[:out]``) of one layer for the last (out, inp)."""
+    """Caches ``weight[:out, :inp]`` (and ``bias[:out]``) of one layer for the last ``capacity``
+    (out, inp) pairs, least recently used first out. One by default; a DS-Net supernet, whose
+    inputs take different routes, raises it for the layers of gated stages (``add_gates``)."""
 
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._tensors: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict = OrderedDict()
+
+    @property
+    def _tensors(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The most recently used copy."""
+        return next(reversed(self._entries.values()), (None, None))
 
     def clear(self) -> None:
-        self._key = None
-        self._tensors = (None, None)
+        self._entries.clear()
 
     def get(self, layer: nn.Module, out: int, inp: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         weight, bias = layer.weight, layer.bias
@@ -53,13 +63,17 @@ class SliceCache:
         # so copies made inside and outside inference_mode are never shared.
         key = (out, inp, weight.data_ptr(), weight._version, weight.device, weight.dtype,
                None if bias is None else (bias.data_ptr(), bias._version), torch.is_inference_mode_enabled())
-        if key != self._key:
-            self._tensors = (
-                _contiguous_like(weight[:out, :inp], weight),
-                None if bias is None else bias[:out].contiguous(),
+        tensors = self._entries.get(key)
+        if tensors is None:
+            tensors = self._entries[key] = (
+                _copy_like(weight[:out, :inp], weight),
+                None if bias is None else bias[:out].clone(),
             )
-            self._key = key
-        return self._tensors
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return tensors
 
 
 class SlicedWeights:

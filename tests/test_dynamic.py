@@ -27,7 +27,15 @@ from timm_slim.dynamic import add_gates, calibrate_routes, gate_parameters, mask
 from timm_slim.dynamic.cost import parse_target_macs, route_costs
 from timm_slim.dynamic.losses import choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from timm_slim.dynamic.report import evaluate_dynamic
-from timm_slim.dynamic.train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, IEBTargets, freeze_backbone
+from timm_slim.dynamic.train import (
+    GateTrainer,
+    IEBCriterion,
+    IEBLoader,
+    IEBSampler,
+    IEBTargets,
+    fit_target,
+    freeze_backbone,
+)
 
 IMAGE = (3, 32, 32)
 
@@ -548,3 +556,19 @@ def test_supernet_deep_copies_after_sliced_inference_and_an_optimizer_step():
     model.train()(torch.randn(4, *IMAGE)).sum().backward()
     optimizer.step()
     copy.deepcopy(model)
+
+
+def test_fit_target_meets_the_target_at_inference(small):
+    model = copy.deepcopy(small)
+    costs = route_costs(model, IMAGE)
+    images, labels = _digits(64, seed=2)
+    target = (costs.low + costs.high) / 2
+    fitted = fit_target(model, [(images, labels)], costs, target, num_images=64)
+    result = evaluate_dynamic(model, [(images, labels)], costs)
+    assert result.mean_macs == pytest.approx(fitted['macs'])
+    assert abs(result.mean_macs - target) <= 2 * (costs.high - costs.low) / 64
+    assert len(set(result.routes[:, 0].tolist())) >= 2          # inputs still take different routes
+    timm_slim.set_width(model, 'dynamic')
+    with torch.no_grad():                                         # folded into the biases: plain inference
+        model(images)
+    assert torch.equal(model.ds.last.routes, result.routes)

@@ -12,7 +12,7 @@ from .gates import DEFAULT_CHOICES, DYNAMIC, Decisions, DynamicState, Gate, add_
 from .losses import SGS_VARIANTS, choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from .report import DynamicResult, evaluate_dynamic
 from .routing import calibrate_routes, enable_dynamic, masked_forward, straight_through
-from .train import GateTrainer, freeze_backbone, gate_training_mode
+from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone, gate_training_mode
 
 __all__ = [
     'DEFAULT_CHOICES',
@@ -23,6 +23,9 @@ __all__ = [
     'DynamicState',
     'Gate',
     'GateTrainer',
+    'IEBCriterion',
+    'IEBLoader',
+    'IEBSampler',
     'RouteCosts',
     'add_gates',
     'calibrate_routes',
@@ -30,6 +33,7 @@ __all__ = [
     'complexity_loss',
     'enable_dynamic',
     'evaluate_dynamic',
+    'fit_target',
     'freeze_backbone',
     'gate_parameters',
     'gate_training_mode',

@@ -50,7 +50,7 @@ from .gates import DEFAULT_CHOICES, add_gates
 from .losses import SGS_VARIANTS
 from .report import evaluate_dynamic
 from .routing import calibrate_routes
-from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, freeze_backbone
+from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone
 
 __all__ = ['build_dsnet_parser', 'main', 'parse_args', 'run']
 
@@ -85,6 +85,9 @@ def build_dsnet_parser() -> argparse.ArgumentParser:
     group.add_argument('--gate-lr', type=float, default=0.01)
     group.add_argument('--noise-anneal', type=float, default=0.7, help='share of Stage II over which the Gumbel '
                        'noise decays from 1 to 0 (the rest trains on the argmax decisions inference uses)')
+    group.add_argument('--fit-target', action=argparse.BooleanOptionalAction, default=True,
+                       help='after Stage II, shift the gates\' logits so that inference (argmax) meets the target '
+                            'on --route-calib-images training images (timm_slim.dynamic.train.fit_target)')
     group.add_argument('--route-calib-images', type=int, default=512, help='training images per route for BN '
                        'calibration (the same images for every route)')
     group.add_argument('--skip-stage1', action='store_true', help='start Stage II from --resume\'s weights as they '
@@ -192,6 +195,12 @@ def _stage2(args, accelerator, net, costs, target, val_loader, data, say) -> Dic
             f'{result.top1:.2f}%, MACs {result.mean_macs / 1e6:.2f}M ({100 * result.macs_fraction:.1f}%)')
     for parameter in net.parameters():
         parameter.requires_grad_(True)
+    if args.fit_target:
+        fitted = fit_target(net, data.calib, costs, target, num_images=args.route_calib_images)
+        result = evaluate_dynamic(model, val_loader, costs, accelerator)
+        history.append({'fit_target': fitted, 'eval': result.summary()})
+        say(f'  fitted logit offset {fitted["offset"]:+.3f}: {fitted["macs"] / 1e6:.2f}M MACs on training images; '
+            f'val top-1 {result.top1:.2f}%, MACs {result.mean_macs / 1e6:.2f}M ({100 * result.macs_fraction:.1f}%)')
     trained = copy.deepcopy(net.gates.state_dict())
     local = torch.stack([sum(v.double().sum() for v in trained.values()), sum((v.double() ** 2).sum()
                                                                             for v in trained.values())])

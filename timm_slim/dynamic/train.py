@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from ..control import set_width, unwrap, use_width
+from ..control import get_width, set_width, unwrap, use_width
 from ..width import Width
 from .cost import RouteCosts
 from .gates import DynamicState, gate_parameters
@@ -248,3 +248,78 @@ class GateTrainer:
         if self.noise_steps is None:
             return 1.0
         return max(0.0, 1.0 - self.step / self.noise_steps)
+
+
+@torch.no_grad()
+def fit_target(model: nn.Module, loader: Iterable, costs: RouteCosts, target_macs: float, num_images: int = 512,
+               steps: int = 24) -> Dict[str, float]:
+    """Shift every gate's logits by ``offset * (0, 1/(K-1), ..., 1)`` so that inference (argmax,
+    no noise) meets ``target_macs`` on average over the first ``num_images`` images of ``loader``.
+
+    Training drives the *training* decisions' MACs to the target, but inference takes the argmax
+    of the gates, without noise, and confident gates (the SGS loss makes them so) can sit far
+    from it; on digits, where the smallest route is right for 97% of the inputs, every target
+    collapsed to the smallest route. Larger offsets move every decision to an equal or larger
+    choice, so the average MACs grow with the offset: bisection finds the offset whose MACs are
+    closest to the target, which is then folded into the decision layers' biases. The inputs
+    with the strongest preference for wider routes are the ones that move first, so routing
+    stays per input. Returns the offset and the MACs reached on those images.
+    """
+    net = unwrap(model)
+    ds: DynamicState = net.ds
+    images = _first_images(loader, num_images, next(net.parameters()).device)
+    ramp = torch.linspace(0.0, 1.0, ds.num_choices)
+    biases = {stage: gate.fc2.bias.detach().clone() for stage, gate in net.gates.items()}
+    table = costs.table
+
+    def macs_at(offset: float) -> float:
+        for stage, gate in net.gates.items():
+            gate.fc2.bias.copy_(biases[stage] + offset * ramp.to(biases[stage]))
+        routes = []
+        for chunk in images:
+            net(chunk)
+            routes.append(ds.last.routes.cpu())
+        return table[tuple(torch.cat(routes).T)].mean().item()
+
+    reached: Dict[float, float] = {}
+
+    def measure(offset: float) -> float:
+        if offset not in reached:
+            reached[offset] = macs_at(offset)
+        return reached[offset]
+
+    previous, was_training = get_width(net), net.training
+    net.eval()
+    set_width(net, 'dynamic')
+    try:
+        measure(0.0)
+        low, high = -1.0, 1.0      # every route's MACs are reachable: all smallest ... all largest
+        while measure(low) > target_macs and low > -1e6:
+            low *= 2
+        while measure(high) < target_macs and high < 1e6:
+            high *= 2
+        for _ in range(steps):
+            middle = (low + high) / 2
+            if measure(middle) < target_macs:
+                low = middle
+            else:
+                high = middle
+        offset = min(reached, key=lambda o: (abs(reached[o] - target_macs), abs(o)))
+        macs_at(offset)
+    finally:
+        set_width(net, previous)
+        net.train(was_training)
+    return {'offset': offset, 'macs': reached[offset]}
+
+
+def _first_images(loader: Iterable, count: int, device: torch.device) -> List[torch.Tensor]:
+    chunks, seen = [], 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        chunks.append(images[:count - seen].to(device))
+        seen += chunks[-1].shape[0]
+        if seen >= count:
+            break
+    if not seen:
+        raise ValueError('the loader yielded no images')
+    return chunks

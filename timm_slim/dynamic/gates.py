@@ -85,7 +85,13 @@ class Decisions:
 
     routes: torch.Tensor
     logits: torch.Tensor
-    onehot: torch.Tensor
+    straight_through: Optional[torch.Tensor] = None
+
+    @property
+    def onehot(self) -> torch.Tensor:
+        if self.straight_through is None:   # inference: made on demand, not on every forward
+            self.straight_through = F.one_hot(self.routes, self.logits.shape[-1]).to(self.logits.dtype)
+        return self.straight_through
 
 
 @dataclass

@@ -232,7 +232,7 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
         routes = torch.tensor([prefix], device=x.device).expand(x.shape[0], -1)
-        ds.last = _decisions(routes, torch.stack(logits, 1))
+        ds.last = Decisions(routes, torch.stack(logits, 1))
         return out
     first = groups[0][2]
     out = first.new_empty((x.shape[0], *first.shape[1:]))
@@ -242,13 +242,8 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out[index] = y
         routes[index] = torch.tensor(prefix, device=x.device)
         all_logits[index] = torch.stack(logits, 1)
-    ds.last = _decisions(routes, all_logits)
+    ds.last = Decisions(routes, all_logits)
     return out
-
-
-def _decisions(routes: torch.Tensor, logits: torch.Tensor) -> Decisions:
-    onehot = torch.nn.functional.one_hot(routes, logits.shape[-1]).to(logits.dtype)
-    return Decisions(routes=routes, logits=logits, onehot=onehot)
 
 
 # -- training: the full-width computation with per-input channel masks ------------------------
@@ -376,7 +371,8 @@ def _masked_forward(net: nn.Module, x: torch.Tensor, noise: float) -> torch.Tens
                 h = run.stages[stage](h)
         out = run.tail(net, h)
     onehot = torch.stack(all_onehot, 1)
-    ds.last = Decisions(routes=onehot.detach().argmax(-1), logits=torch.stack(all_logits, 1), onehot=onehot)
+    ds.last = Decisions(routes=onehot.detach().argmax(-1), logits=torch.stack(all_logits, 1),
+                        straight_through=onehot)
     return out
 
 

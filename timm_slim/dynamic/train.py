@@ -177,10 +177,14 @@ class GateTrainer:
         costs: MACs of every route (``route_costs``).
         target_macs: the average MACs to reach (absolute; see ``parse_target_macs``).
         sgs: ``'paper'`` or ``'smallest-correct'`` (see ``sgs_targets``).
-        sgs_weight, complexity_weight: weights of the two gate losses.
+        sgs_weight: weight of the SGS loss.
+        complexity_weight: weight of the complexity loss.
         noise_steps: the Gumbel noise decays linearly from 1 to 0 over this many steps, so that
             the decisions the losses see end up those of inference (argmax); None: always 1.
-        accelerator, scheduler, clip_grad, step: as in ``timm_slim.train.Trainer``.
+        accelerator: an ``accelerate.Accelerator`` (or None), as in ``timm_slim.train.Trainer``.
+        scheduler: a timm scheduler stepped per update.
+        clip_grad: max gradient norm of the gates' parameters.
+        step: optimizer steps already taken.
     """
 
     def __init__(

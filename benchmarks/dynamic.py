@@ -9,13 +9,14 @@ static (uniform) width of the same supernet whose MACs are closest to the point'
 calibrates and evaluates it, and times the dynamic model, that static width and the full width
 side by side on the same digits, interleaved round by round (medians; ratios are paired per
 round, ``timm_slim.profile.paired_ratio``). It prints a Markdown table and writes
-``results.json`` and ``accuracy_vs_macs.png`` to ``--output``.
+``results.json``, ``accuracy_vs_macs.png`` and ``time_vs_macs.png`` to ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -112,16 +113,28 @@ def main() -> int:
     print(text)
 
     os.makedirs(args.output, exist_ok=True)
-    static_rows = results['static']
-    profiles = profile(net, widths=[r['width'] for r in static_rows], input_size=size)
-    plot_widths(profiles, accuracy=[r['top1'] for r in static_rows],
-                others={'DS-Net (one point per MACs target)': [(r['macs'], r['top1']) for r in rows],
-                        'static width of similar MACs': [(r['static_macs'], r['static_top1']) for r in rows]},
+    accuracy = {r['width']: r['top1'] for r in results['static']}
+    accuracy.update({r['static_width']: r['static_top1'] for r in rows})
+    widths = sorted(accuracy)
+    profiles = profile(net, widths=widths, input_size=size)
+    plot_widths({'static widths (US-Net)': profiles}, accuracy=[accuracy[w] for w in widths],
+                others={'DS-Net (one point per MACs target)': [(r['macs'], r['top1']) for r in rows]},
                 path=os.path.join(args.output, 'accuracy_vs_macs.png'),
-                title=f'DS-Net {results["model"]} on {results["data"]}: top-1 against average MACs')
+                title=f'{results["model"]} on {results["data"]}: top-1 against average MACs')
+    curves, points = {}, {}
+    for batch in (1, 32):
+        timed = [1.0] + [r['static_width'] for r in rows]
+        curves[f'static, batch {batch}'] = [
+            dataclasses.replace(next(p for p in profiles if p.width == w),
+                                latency_ms=timings[batch]['full width' if w == 1.0 else f'static {format_width(w)}']
+                                .median_ms) for w in timed]
+        points[f'DS-Net, batch {batch}'] = [(r['macs'] / full, r[f'b{batch}']['dynamic_vs_full']) for r in rows]
+    plot_widths(curves, metric='macs', relative=True, others=points, path=os.path.join(args.output,
+                'time_vs_macs.png'), title=f'{results["model"]}: time per image against MACs, relative to full width')
+    static_rows = [{'width': w, 'top1': accuracy[w], 'macs': p.macs} for w, p in zip(widths, profiles)]
     write_json({'model': results['model'], 'threads': args.threads, 'images': args.images, 'full_macs': full,
                 'rows': rows, 'static': static_rows, 'table': text}, os.path.join(args.output, 'results.json'))
-    print(f'\nwritten to {args.output}: results.json, accuracy_vs_macs.png')
+    print(f'\nwritten to {args.output}: results.json, accuracy_vs_macs.png, time_vs_macs.png')
     return 0
 
 

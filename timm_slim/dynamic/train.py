@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from ..control import get_width, set_width, unwrap, use_width
+from ..train.engine import optimizer_update
 from ..width import Width
 from .cost import RouteCosts
 from .gates import DynamicState, gate_parameters
@@ -232,17 +233,8 @@ class GateTrainer:
             loss.backward()
         else:
             self.accelerator.backward(loss)
-        if self.clip_grad is not None:
-            params = gate_parameters(net)
-            if self.accelerator is not None:
-                self.accelerator.clip_grad_norm_(params, self.clip_grad)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.scheduler is not None:
-            self.scheduler.step_update(num_updates=self.step)
+        self.step = optimizer_update(self.optimizer, gate_parameters(net), self.step, self.clip_grad,
+                                     self.accelerator, self.scheduler)
         return {'loss': loss.item(), 'task': task.item(), 'sgs': sgs.item(), 'complexity': complexity.item(),
                 'macs': macs.mean().item(), 'noise': net.ds.noise}
 

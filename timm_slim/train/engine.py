@@ -306,17 +306,8 @@ class Trainer:
         self.model.train()
         widths = self.sampler(self.step)
         losses = train_step(self.model, batches, widths, self.criterion, self.accelerator, self.distill)
-        if self.clip_grad is not None:
-            params = self.model.parameters()
-            if self.accelerator is not None:
-                self.accelerator.clip_grad_norm_(params, self.clip_grad)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.scheduler is not None:
-            self.scheduler.step_update(num_updates=self.step)
+        self.step = optimizer_update(self.optimizer, self.model.parameters(), self.step, self.clip_grad,
+                                     self.accelerator, self.scheduler)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         return losses
@@ -358,3 +349,18 @@ def needs_unused_parameter_search(bn: str, widths: Optional[Sequence[float]]) ->
     than one width) leave parameters out of a width's forward."""
     return bn == SWITCHABLE and widths is not None and len(set(widths)) > 1
 
+def optimizer_update(optimizer, params, step: int, clip_grad: Optional[float] = None, accelerator=None,
+                     scheduler=None) -> int:
+    """Clip the accumulated gradients of ``params``, step and zero the optimizer, advance the
+    per-update scheduler; return the new step count (shared by the supernet and gate trainers)."""
+    if clip_grad is not None:
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(params, clip_grad)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if scheduler is not None:
+        scheduler.step_update(num_updates=step)
+    return step

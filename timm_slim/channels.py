@@ -8,9 +8,10 @@ labelled tensors (a residual add, an SE gate multiply) merges their groups. Anyt
 splits, concatenates or reshapes a labelled channel axis is refused, naming the module.
 
 The channel *counts* of a group at width ``w`` follow timm's own rule where timm has one: for
-EfficientNet-builder and MobileNetV3 models the model's timm generator is replayed on the meta
-device with its ``channel_multiplier`` scaled by ``w`` (so mid widths, heads, SE widths and the
-fixed MobileNetV3 stem are exactly timm's narrow variants). Elsewhere (ResNets), a group of
+EfficientNet-builder and MobileNetV3 models, the counts timm's generator gives the model with its
+``channel_multiplier`` scaled by ``w`` (so mid widths, heads, SE widths and the fixed MobileNetV3
+stem are exactly timm's narrow variants), read from a trace of the generator that is evaluated
+at any width in microseconds (:mod:`timm_slim.channel_rule`). Elsewhere (ResNets), a group of
 ``C`` channels has ``make_divisible(C * w, 8)`` channels (divisible by the group width of any
 grouped conv that touches it). A group coupled across layers that the rule would size
 differently takes the largest size, so coupled channels always stay equal.
@@ -18,13 +19,10 @@ differently takes the largest size, so coupled channels always stay equal.
 
 from __future__ import annotations
 
-import inspect
 import math
-import sys
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,6 +31,7 @@ from timm.layers import make_divisible
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .channel_rule import TimmChannelRule, shared_rule
 from .width import Width, stage_widths
 
 _DIVISOR = 8
@@ -313,55 +312,17 @@ def _stages(names: Sequence[str], stage_prefixes: Sequence[str]) -> Dict[str, in
     return stage_of
 
 
-# -- timm's own channel rule -----------------------------------------------------------------
-
-_REPLAY_LOCK = threading.Lock()
-
-
-def _scaled_generator(fn: Callable, factor: float) -> Callable:
-    signature = inspect.signature(fn)
-
-    def generator(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        bound.arguments['channel_multiplier'] = bound.arguments['channel_multiplier'] * factor
-        return fn(*bound.args, **bound.kwargs)
-
-    return generator
-
-
-def replay_timm_channels(architecture: str, width: float, num_classes: int) -> Optional[Dict[str, int]]:
-    """Output channels of every conv/linear of timm's ``architecture`` built at ``width`` times
-    its channel multiplier, or None when its generator has no ``channel_multiplier``."""
-    import timm.models
-
-    if not timm.models.is_model(architecture):
-        return None
-    entrypoint = timm.models.model_entrypoint(architecture)
-    module = sys.modules[entrypoint.__module__]
-    generators = {
-        name: fn for name, fn in vars(module).items()
-        if name.startswith('_gen_') and callable(fn) and 'channel_multiplier' in inspect.signature(fn).parameters
-    }
-    if not generators:
-        return None
-    with _REPLAY_LOCK:
-        try:
-            for name, fn in generators.items():
-                setattr(module, name, _scaled_generator(fn, width))
-            with torch.device('meta'):
-                native = entrypoint(pretrained=False, num_classes=num_classes)
-        finally:
-            for name, fn in generators.items():
-                setattr(module, name, fn)
-    return {
-        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        for name, m in native.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    }
-
+# -- channel counts per width ----------------------------------------------------------------
 
 class ChannelPlanner:
-    """Channel counts per group for any width of one supernet (cached, LRU)."""
+    """Channel counts per group for any width of one supernet.
+
+    Where the model's timm generator has a ``channel_multiplier``, a producer's count at stage
+    width ``w`` is what timm's own rule gives the model at ``w`` times its multiplier
+    (:class:`~timm_slim.channel_rule.TimmChannelRule`, traced once per architecture and evaluated in
+    tens of microseconds); elsewhere it is ``make_divisible(base * w, divisor)``. A coupled group
+    takes the largest count any of its producers gets. Tables are cached (LRU, ``cache_size``).
+    """
 
     def __init__(self, graph: ChannelGraph, architecture: Optional[str], num_classes: int,
                  cache_size: int = 256) -> None:
@@ -370,24 +331,26 @@ class ChannelPlanner:
         self.num_classes = num_classes
         self.cache_size = cache_size
         self._tables: OrderedDict = OrderedDict()
-        self._native: OrderedDict = OrderedDict()
-        self.uses_timm_rule = self._native_counts(1.0) is not None
+        self.rule = self._faithful_rule(architecture, num_classes)
+        self.uses_timm_rule = self.rule is not None
+        slot = {name: i for i, name in enumerate(self.rule.names)} if self.rule is not None else {}
+        # (root, group, [(stage, slot of the producer in the rule's counts)]) for every group.
+        self._members = [
+            (root, group, [(graph.stage_of[p], slot.get(p)) for p in group.producers])
+            for root, group in graph.groups.items()
+        ]
 
-    def _native_counts(self, width: float) -> Optional[Dict[str, int]]:
-        """timm's per-layer counts at a uniform width, if replay is possible and faithful."""
-        if self.architecture is None:
+    def _faithful_rule(self, architecture: Optional[str], num_classes: int) -> Optional[TimmChannelRule]:
+        """timm's rule for ``architecture``, if it reproduces this model's own counts at full width
+        (a model built with other arguments than its registered ones cannot use it)."""
+        rule = shared_rule(architecture, num_classes) if architecture else None
+        if rule is None:
             return None
-        if width not in self._native:
-            native = replay_timm_channels(self.architecture, width, self.num_classes)
-            if width == 1.0 and native is not None:
-                for group in self.graph.groups.values():
-                    if any(native.get(p) != group.base for p in group.producers):
-                        native = None  # built with other arguments than the registered ones
-                        break
-            self._native[width] = native
-            if len(self._native) > self.cache_size:
-                self._native.popitem(last=False)
-        return self._native[width]
+        full = dict(zip(rule.names, rule.counts(1.0)))
+        for group in self.graph.groups.values():
+            if any(full.get(p) != group.base for p in group.producers):
+                return None
+        return rule
 
     def _generic_count(self, group: Group, width: float) -> int:
         count = make_divisible(group.base * width, group.divisor)
@@ -400,20 +363,15 @@ class ChannelPlanner:
             self._tables.move_to_end(key)
             return self._tables[key]
         widths = stage_widths(width, self.graph.num_stages)
+        native = {w: self.rule.counts(w) for w in set(widths)} if self.rule is not None else {}
         counts = {}
-        for root, group in self.graph.groups.items():
+        for root, group, members in self._members:
             if group.fixed:
                 counts[root] = group.base
-                continue
-            sizes = []
-            for producer in group.producers:
-                stage_width = widths[self.graph.stage_of[producer]]
-                native = self._native_counts(stage_width) if self.uses_timm_rule else None
-                if native is not None and producer in native:
-                    sizes.append(min(native[producer], group.base))
-                else:
-                    sizes.append(self._generic_count(group, stage_width))
-            counts[root] = max(sizes)
+            elif self.rule is not None:
+                counts[root] = min(group.base, max(native[widths[stage]][slot] for stage, slot in members))
+            else:
+                counts[root] = max(self._generic_count(group, widths[stage]) for stage, _ in members)
         self._tables[key] = counts
         if len(self._tables) > self.cache_size:
             self._tables.popitem(last=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .convert import SlimState, slim_layers
-from .layers import SWITCHABLE, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .layers import SWITCHABLE, SlimBatchNorm2d
 from .width import Width, format_width, stage_widths, width_key
 
 
@@ -44,26 +44,28 @@ def set_width(model: nn.Module, width: Width) -> Width:
     counts = state.counts(width)
     widths = stage_widths(width, state.num_stages)
     graph = state.graph
-    for name, layer in slim_layers(model):
+    full, key, label = width == 1.0, width_key(width), format_width(width)
+    # Switchable BN: the private BatchNorm of each stage's width (None at full width).
+    private_keys = [None if w == 1.0 else width_key(w) for w in widths]
+    for name, layer in state.layers:
         if isinstance(layer, SlimBatchNorm2d):
             channels = counts[graph.norm_group[name]]
             layer.active_channels = channels
             if state.bn == SWITCHABLE:
-                stage_width = widths[graph.stage_of[name]]
-                layer.private_key = None if stage_width == 1.0 else width_key(stage_width)
+                stage = graph.stage_of[name]
+                layer.private_key = private_keys[stage]
                 layer.is_full = layer.private_key is None
                 if layer.private_key is not None and layer.private[layer.private_key].num_features != channels:
                     raise ValueError(
-                        f'width {format_width(width)} gives {name} {channels} channels, but its private BN for '
-                        f'stage width {stage_width:g} has {layer.private[layer.private_key].num_features}')
+                        f'width {label} gives {name} {channels} channels, but its private BN for '
+                        f'stage width {widths[stage]:g} has {layer.private[layer.private_key].num_features}')
             else:
-                layer.is_full = width == 1.0
-                layer.width_key = width_key(width)
-                layer.width_label = format_width(width)
-        elif isinstance(layer, (SlimConv2d, SlimLinear)):
+                layer.is_full = full
+                layer.width_key = key
+                layer.width_label = label
+        else:
             out = counts[graph.layer_out[name]]
-            layer.out_active = None if out == (layer.out_channels if isinstance(layer, SlimConv2d)
-                                               else layer.out_features) else out
+            layer.out_active = None if out == layer.full_out else out
     state.width = width
     return width
 

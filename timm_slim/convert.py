@@ -44,6 +44,9 @@ class SlimState:
     in_chans: int
     extras: Tuple[str, ...] = ()   # model attributes added by extensions (DS-Net gates); export drops them
     export_blocker: Optional[str] = None   # why export cannot reproduce the model, if it cannot
+    # (name, layer) of every slim layer, found once at conversion: set_width walks this list
+    # instead of the whole module tree on every call.
+    layers: Tuple[Tuple[str, nn.Module], ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -144,6 +147,7 @@ def slimmify(
             SlimConv2d.convert(module)
         elif isinstance(module, _LINEAR_CLASSES):
             SlimLinear.convert(module)
+    state.layers = tuple(slim_layers(model))
     model.slim = state
     if bn == SWITCHABLE:
         _add_private_norms(model, state)

@@ -79,7 +79,8 @@ class SliceCache:
 class SlicedWeights:
     """Mixin of the weight-slicing layers: in-place conversion and the active output count."""
 
-    out_active: Optional[int]
+    out_active: Optional[int]   # the output count at the active width; None: all of them
+    full_out: int               # the output count at full width
 
     @classmethod
     def convert(cls, layer: nn.Module) -> nn.Module:
@@ -88,5 +89,6 @@ class SlicedWeights:
         layer.__class__ = cls
         layer._twin_cls = twin_cls
         layer.out_active = None
+        layer.full_out = layer.weight.shape[0]
         layer._cache = SliceCache()
         return layer

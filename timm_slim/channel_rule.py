@@ -19,6 +19,7 @@ joins the others; a width that no program fits after that is built for real.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -27,7 +28,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -223,6 +224,12 @@ class _Symbolic:
     def __hash__(self):
         return hash(self._value)
 
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self   # timm deep-copies modules while it builds some models (the pruned EfficientNets)
+
 
 class SymInt(_Symbolic, int):
     """An int computed from the symbolic width (see the module docstring)."""
@@ -252,14 +259,36 @@ def _symbolic_make_divisible(v, divisor=8, min_value=None, round_limit=.9):
     return _MAKE_DIVISIBLE(*args)
 
 
-def _patch_make_divisible(replacement: Callable) -> List[Any]:
-    """Point every timm module's ``make_divisible`` at ``replacement``; return the modules."""
+def _symbolic_int(value=0, *args):
+    """``int()`` that keeps a symbolic number symbolic (Python's own must return a plain int)."""
+    if isinstance(value, _SYMBOLIC) and not args:
+        return _apply(int, (value,))
+    return int(value, *args)
+
+
+@contextlib.contextmanager
+def _symbolic_timm() -> Iterator[None]:
+    """While tracing, timm's modules call the symbolic ``make_divisible`` and ``int`` (both behave
+    exactly like the originals on plain numbers, so another thread building a model is unaffected)."""
     patched = []
     for name, module in list(sys.modules.items()):
-        if name.startswith('timm') and module is not None and vars(module).get('make_divisible') is _MAKE_DIVISIBLE:
-            module.make_divisible = replacement
-            patched.append(module)
-    return patched
+        if not name.startswith('timm.') or module is None:
+            continue
+        names = vars(module)
+        if names.get('make_divisible') is _MAKE_DIVISIBLE:
+            module.make_divisible = _symbolic_make_divisible
+            patched.append((module, 'make_divisible'))
+        if 'int' not in names:
+            module.int = _symbolic_int
+            patched.append((module, 'int'))
+    try:
+        yield
+    finally:
+        for module, attribute in patched:
+            if attribute == 'int':
+                del module.int
+            else:
+                module.make_divisible = _MAKE_DIVISIBLE
 
 
 # -- the traced programs ------------------------------------------------------------------------
@@ -409,13 +438,8 @@ def shared_rule(architecture: str, num_classes: int) -> Optional[TimmChannelRule
 def _trace(architecture: str, num_classes: int, width: float) -> Optional[Tuple[List[str], _Program]]:
     tape = _Tape()
     factor = SymFloat(width, tape, 0)
-    with _REPLAY_LOCK:
-        patched = _patch_make_divisible(_symbolic_make_divisible)
-        try:
-            built = _build_scaled(architecture, factor, num_classes)
-        finally:
-            for module in patched:
-                module.make_divisible = _MAKE_DIVISIBLE
+    with _REPLAY_LOCK, _symbolic_timm():
+        built = _build_scaled(architecture, factor, num_classes)
     if built is None:
         return None
     names = list(built)

@@ -8,13 +8,14 @@ construction, too slow for a width that changes every training step.
 
 So the generator runs once with a *symbolic* multiplier instead: a float that records on a tape
 every arithmetic operation applied to it and to the numbers computed from it, with timm's
-``make_divisible`` as one opaque step (it is called, not re-implemented). Every comparison or
-truth test of such a number is a *guard*: the outcome it had is recorded. Each conv/linear's
-``out_channels`` is then a small program from the width to that count. Evaluating the programs
-at another width is exact whenever every guard has the same outcome there, because timm's code
-then takes the same branches. Where a guard differs (MobileNetV3's stem is fixed below 0.75, a
-narrow block loses its skip), the generator is traced again at that width and the new program
-joins the others; a width that no program fits after that is built for real.
+``make_divisible`` and Python's ``int`` as single steps (they are called, not re-implemented).
+Every comparison or truth test of such a number is a *guard*: the outcome it had is recorded.
+The steps that lead to each conv/linear's ``out_channels`` (and to the guards) are compiled
+into one Python function of the width. Evaluating it at another width is exact whenever every
+guard has the same outcome there, because timm's code then takes the same branches. Where a guard differs (MobileNetV3's stem is fixed below 0.75, a
+narrow block loses its skip), the generator is traced again at that width and the new function
+joins the others; a width that none fits after that is built for real. One rule per
+architecture is shared by every supernet of it in the process (:func:`shared_rule`).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ Every comparison or truth test of such a number is a *guard*: the outcome it had
 The steps that lead to each conv/linear's ``out_channels`` (and to the guards) are compiled
 into one Python function of the width. Evaluating it at another width is exact whenever every
 guard has the same outcome there, because timm's code then takes the same branches. Where a
-guard differs (MobileNetV3's stem is fixed below 0.75, a narrow block loses its skip), the generator is traced again at that width and the new function
-joins the others; a width that none fits after that is built for real. One rule per
-architecture is shared by every supernet of it in the process (:func:`shared_rule`).
+guard differs (MobileNetV3's stem is fixed below 0.75, a narrow block loses its skip), the
+generator is traced again at that width and the new function joins the others; a width that
+none fits after that is built for real. One rule per architecture is shared by every supernet
+of it in the process (:func:`shared_rule`).
 """
 
 from __future__ import annotations

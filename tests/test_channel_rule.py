@@ -116,6 +116,9 @@ def test_every_registered_timm_rule_model_traces_exactly():
         with warnings.catch_warnings():
             warnings.simplefilter('error')   # a trace that fails its own check against a build warns
             rule = TimmChannelRule.trace(base, num_classes=10)
+        if rule is None:   # the pruned EfficientNets read their channels from a file: the generic rule
+            assert '_pruned' in base, base
+            continue
         for width in (0.25, 0.45, 0.8):
             if _rule_counts(rule, width) != replay_timm_channels(base, width, 10):
                 failures.append(f'{base} at {width}')

@@ -1,10 +1,13 @@
-"""Every registered ``*_slim`` name builds and converts (on the meta device, so it is quick)."""
+"""Every registered ``*_slim`` name builds, converts and slims (on the meta device, so it is quick)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 import timm_slim
 from timm_slim.models import ALIASES, SLIM_MODELS
@@ -21,14 +24,59 @@ def test_registered_names_cover_the_issue_families():
     assert not any(name.startswith(('mixnet', 'mobilenetv4')) for name in SLIM_MODELS)
 
 
+def conv_linear_macs(model: nn.Module, size: int = 32) -> int:
+    """Multiply-accumulates of every conv and linear layer in one forward (fvcore's conv+linear
+    count; shapes only, so it runs on the meta device)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            in_per_group = module.in_channels // module.groups if module.groups > 1 else inputs[0].shape[1]
+            total += output[0].numel() * in_per_group * math.prod(module.kernel_size)
+        else:
+            total += output[0].numel() * inputs[0].shape[-1]
+
+    device = next(model.parameters()).device
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():   # train mode: uncalibrated US-Net widths run on batch statistics
+            model.train()(torch.zeros(2, 3, size, size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@pytest.mark.parametrize('name', ['mobilenetv2_100_slim', 'resnet18_slim'])
+def test_hook_macs_equal_fvcore(name):
+    model = timm.create_model(name, num_classes=10)
+    for row in timm_slim.profile(model, widths=[0.25, 0.6, 1.0], input_size=(3, 32, 32), latency=False):
+        timm_slim.set_width(model, row.width)
+        assert conv_linear_macs(model) == row.macs
+
+
+def test_a_plan_that_does_not_shrink_is_refused():
+    """timm's rule gives mobilenetv2 at 0.99 exactly the channels of 1.0: nothing would be slimmed."""
+    with pytest.raises(timm_slim.UnsupportedModelError, match='does not shrink.*0.99'):
+        timm.create_model('mobilenetv2_100_slim', width_range=(0.99, 1.0))
+    assert timm.create_model('mobilenetv2_100_slim', width_range=(0.9, 1.0)).slim.space.low == 0.9
+
+
 @pytest.mark.slow
-def test_every_registered_name_converts():
+def test_every_registered_name_converts_and_slims():
+    """Every name builds, converts, and its MACs strictly grow from the smallest width to 1.0."""
     failures = []
     for name in sorted(SLIM_MODELS):
         try:
             with torch.device('meta'):
                 model = timm.create_model(name, num_classes=10)
             assert model.slim.architecture == SLIM_MODELS[name]
+            macs = []
+            for width in (0.25, 0.5, 0.75, 1.0):
+                timm_slim.set_width(model, width)
+                macs.append(conv_linear_macs(model))
+            assert macs == sorted(set(macs)), f'MACs at 0.25/0.5/0.75/1.0: {macs}'
         except Exception as error:  # collect them all, then report
             failures.append(f'{name}: {error}')
     assert not failures, '\n'.join(failures)

@@ -38,6 +38,8 @@ from timm.layers import helpers as timm_helpers
 
 _REPLAY_LOCK = threading.Lock()
 _MAKE_DIVISIBLE = timm_helpers.make_divisible
+# Generator arguments that scale every channel count (tinynet calls its multiplier model_width).
+_WIDTH_PARAMETERS = ('channel_multiplier', 'model_width')
 # How many traced programs one architecture keeps before it falls back to building the model.
 _MAX_PROGRAMS = 16
 # Where a fresh trace is checked against a real build: the narrowest of these it applies to.
@@ -46,13 +48,19 @@ _CHECK_WIDTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 # -- building timm's model at a scaled multiplier ---------------------------------------------
 
+def _width_parameter(fn: Callable) -> Optional[str]:
+    """The argument of a timm generator that scales every channel count, if it has one."""
+    parameters = inspect.signature(fn).parameters
+    return next((name for name in _WIDTH_PARAMETERS if name in parameters), None)
+
+
 def _scaled_generator(fn: Callable, factor: Any) -> Callable:
-    signature = inspect.signature(fn)
+    signature, parameter = inspect.signature(fn), _width_parameter(fn)
 
     def generator(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        bound.arguments['channel_multiplier'] = bound.arguments['channel_multiplier'] * factor
+        bound.arguments[parameter] = bound.arguments[parameter] * factor
         return fn(*bound.args, **bound.kwargs)
 
     return generator
@@ -68,7 +76,7 @@ def _generators(architecture: str) -> Tuple[Optional[Callable], Any, Dict[str, C
     module = sys.modules[entrypoint.__module__]
     generators = {
         name: fn for name, fn in vars(module).items()
-        if name.startswith('_gen_') and callable(fn) and 'channel_multiplier' in inspect.signature(fn).parameters
+        if name.startswith('_gen_') and callable(fn) and _width_parameter(fn) is not None
     }
     return entrypoint, module, generators
 
@@ -95,7 +103,7 @@ def _build_scaled(architecture: str, factor: Any, num_classes: int) -> Optional[
 
 def replay_timm_channels(architecture: str, width: float, num_classes: int) -> Optional[Dict[str, int]]:
     """Output channels of every conv/linear of timm's ``architecture`` built at ``width`` times
-    its channel multiplier, or None when its generator has no ``channel_multiplier``.
+    its channel multiplier, or None when its module's generators have no multiplier.
 
     The reference the traced rule is checked against (it builds the whole model: 40-80 ms)."""
     with _REPLAY_LOCK:
@@ -341,6 +349,7 @@ class _Program:
         exec(compile('\n'.join(lines), f'<timm channel rule {len(needed)} steps>', 'exec'), namespace)
         self.evaluate: Callable[[float], Optional[List[int]]] = namespace['program']
         self.num_steps = len(needed)
+        self.depends_on_width = any(isinstance(output, _SYMBOLIC) for output in outputs)
         self.num_guards = len(outcomes)
 
 
@@ -363,7 +372,9 @@ class TimmChannelRule:
     @classmethod
     def trace(cls, architecture: str, num_classes: int, max_programs: int = _MAX_PROGRAMS) -> Optional[TimmChannelRule]:
         """Trace timm's generator of ``architecture`` at full width; None when it has no
-        ``channel_multiplier``.
+        ``channel_multiplier`` (or tinynet's ``model_width``), or when no count depends on it
+        (the pruned EfficientNets read their channels from a file; other generators of the
+        module are scaled, not the one the entrypoint calls).
 
         The trace is checked once against a real build at the narrowest of a few widths where it
         applies: a count that timm computes in a way the trace cannot follow (a conversion to a
@@ -373,6 +384,8 @@ class TimmChannelRule:
         if traced is None:
             return None
         names, program = traced
+        if not program.depends_on_width:
+            return None
         rule = cls(architecture, num_classes, names, program, max_programs)
         for width in _CHECK_WIDTHS:
             counts = program.evaluate(width)

@@ -353,6 +353,8 @@ class ChannelPlanner:
         return rule
 
     def _generic_count(self, group: Group, width: float) -> int:
+        if width >= 1.0:
+            return group.base   # make_divisible would round a base that is no multiple of 8 (pruned models)
         count = make_divisible(group.base * width, group.divisor)
         return max(group.divisor, min(group.base, count))
 

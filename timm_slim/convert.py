@@ -137,6 +137,7 @@ def slimmify(
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     architecture = cfg.get('architecture')
     planner = ChannelPlanner(graph, architecture, getattr(model, 'num_classes', 0))
+    _check_plan_shrinks(type(model).__name__ if architecture is None else architecture, planner, space)
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     state = SlimState(space=space, bn=bn, graph=graph, planner=planner, architecture=architecture,
                       stages=stages, width=space.high, in_chans=in_chans)
@@ -155,6 +156,14 @@ def slimmify(
 
     set_width(model, space.high if width is None else width)
     return model
+
+
+def _check_plan_shrinks(name: str, planner: ChannelPlanner, space: WidthSpace) -> None:
+    """Refuse a model whose narrowest width would silently run with the full model's channels."""
+    if space.low < 1.0 and planner.counts(space.low) == planner.counts(1.0):
+        raise UnsupportedModelError(
+            f'unsupported model {name}: its channel plan does not shrink (width {space.low:g} would have '
+            f'the same channels as 1.0), so it cannot be slimmed')
 
 
 def _add_private_norms(model: nn.Module, state: SlimState) -> None:

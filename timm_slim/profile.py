@@ -35,9 +35,8 @@ import torch
 import torch.nn as nn
 
 from .control import set_width, unwrap, use_width
-from .convert import slim_layers
-from .export import channel_table
 from .layers import UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .state import channel_table, slim_layers
 from .width import Width, format_width
 
 if TYPE_CHECKING:

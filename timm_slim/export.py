@@ -102,7 +102,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
         'version': FORMAT_VERSION,
         'architecture': state.architecture,
         'num_classes': net.num_classes,
-        'model_args': _model_args(net),
+        'model_args': model_args(net),
         **extra,
     }
     # One metadata key: safetensors writes several in random order, and equal weights must give
@@ -110,7 +110,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
     return {FORMAT_KEY: json.dumps(info, sort_keys=True)}
 
 
-def _model_args(net: nn.Module) -> Dict[str, Any]:
+def model_args(net: nn.Module) -> Dict[str, Any]:
     """The base model's constructor arguments that survive JSON (timm records them)."""
     args = {}
     for key, value in (getattr(net, '_model_args', None) or {}).items():

@@ -70,6 +70,38 @@ def test_bad_widths_name_the_allowed_values(usnet, bad, words):
     assert timm_slim.get_width(usnet) == 1.0  # nothing changed
 
 
+def test_unknown_width_mode_names_the_registered_modes_and_the_numbers(usnet):
+    with pytest.raises(ValueError) as info:
+        timm_slim.set_width(usnet, 'dinamic')
+    assert all(word in str(info.value) for word in ("'dinamic'", "'dynamic'", '[0.35, 1]')), str(info.value)
+    assert timm_slim.get_width(usnet) == 1.0
+
+
+def test_an_extension_adds_a_width_mode_through_the_core_hook(usnet, monkeypatch):
+    from timm_slim import control
+
+    monkeypatch.setattr(control, '_WIDTH_MODES', dict(control._WIDTH_MODES))
+    assert 'dynamic' in control.width_modes()  # timm_slim.dynamic registered it on import
+    seen = []
+
+    def widest(model):
+        seen.append(model)
+        control.set_width(model, model.slim.space.high)
+        model.slim.width = 'widest'
+        return 'widest'
+
+    control.register_width_mode('widest', widest)
+    timm_slim.set_width(usnet, 0.5)
+    with timm_slim.use_width(usnet, 'widest') as width:
+        assert width == 'widest' and timm_slim.get_width(usnet) == 'widest' and seen == [usnet]
+    assert timm_slim.get_width(usnet) == 0.5
+    with pytest.raises(ValueError, match='non-empty name'):
+        control.register_width_mode('', widest)
+    with pytest.raises(TypeError, match='callable'):
+        control.register_width_mode('nothing', None)
+    timm_slim.set_width(usnet, 1.0)
+
+
 def test_snet_width_must_be_listed(snet):
     with pytest.raises(ValueError, match=r'not in this S-Net.*\[0.25, 0.5, 0.75, 1\]'):
         timm_slim.set_width(snet, 0.6)

@@ -1,27 +1,54 @@
-"""Width control of a supernet: ``set_width``, ``get_width``, ``use_width``, ``calibrate_bn``."""
+"""Width control of a supernet: ``set_width``, ``get_width``, ``use_width``, ``calibrate_bn``.
+
+Besides numbers, ``set_width`` takes the name of a *width mode* that an extension registered
+with :func:`register_width_mode` (DS-Net's ``'dynamic'``, registered by :mod:`timm_slim.dynamic`):
+the core calls the extension through this hook and never imports it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .convert import SlimState, slim_layers
 from .layers import SWITCHABLE, SlimBatchNorm2d
+from .state import SlimState, slim_layers, unwrap
 from .width import Width, format_width, stage_widths, width_key
 
+# Named width modes: name -> handler(model) that switches the model to that mode and returns
+# what get_width reports from then on.
+_WIDTH_MODES: Dict[str, Callable[[nn.Module], str]] = {}
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The supernet inside DDP / accelerate / torch.compile wrappers."""
-    while not hasattr(model, 'slim'):
-        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
-        if inner is None:
-            raise TypeError(f'{type(model).__name__} is not a slimmable model; '
-                            f'make one with timm_slim.slimmify(model) or timm.create_model("<name>_slim")')
-        model = inner
-    return model
+
+def register_width_mode(name: str, handler: Callable[[nn.Module], str]) -> None:
+    """Make ``set_width(model, name)`` call ``handler(model)``.
+
+    The hook through which an extension above the core adds a named width (DS-Net registers
+    ``'dynamic'``) without the core importing it. The handler validates the model, switches it
+    (e.g. sets ``model.slim.width = name``) and returns what ``get_width`` reports afterwards.
+    Registering a name again replaces its handler.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'a width mode needs a non-empty name, got {name!r}')
+    if not callable(handler):
+        raise TypeError(f'the handler of width mode {name!r} must be callable, got {handler!r}')
+    _WIDTH_MODES[name] = handler
+
+
+def width_modes() -> Tuple[str, ...]:
+    """The registered width mode names, sorted."""
+    return tuple(sorted(_WIDTH_MODES))
+
+
+def _set_mode(model: nn.Module, name: str) -> str:
+    handler = _WIDTH_MODES.get(name)
+    if handler is None:
+        modes = ', '.join(repr(m) for m in width_modes()) or 'none registered'
+        raise ValueError(f'unknown width {name!r} (str): a width is a number or one number per stage, '
+                         f'{slim_state(model).space.describe()}; named width modes: {modes}')
+    return handler(model)
 
 
 def slim_state(model: nn.Module) -> SlimState:
@@ -31,13 +58,12 @@ def slim_state(model: nn.Module) -> SlimState:
 def set_width(model: nn.Module, width: Width) -> Width:
     """Run the supernet at ``width`` from now on; return the validated width.
 
-    ``width`` is a float (uniform) or a sequence with one float per stage; or ``'dynamic'`` for
-    a supernet with DS-Net gates (``timm_slim.add_gates``), whose gates then choose per input.
+    ``width`` is a float (uniform) or a sequence with one float per stage; or the name of a
+    registered width mode (:func:`register_width_mode`), such as ``'dynamic'`` for a supernet
+    with DS-Net gates (``timm_slim.add_gates``), whose gates then choose per input.
     """
-    if isinstance(width, str) and width == 'dynamic':
-        from .dynamic.routing import enable_dynamic
-
-        return enable_dynamic(model)
+    if isinstance(width, str):
+        return _set_mode(model, width)
     model = unwrap(model)
     state: SlimState = model.slim
     width = state.check(width)

@@ -3,21 +3,22 @@
 The model keeps its class, its module tree and its state-dict keys; only its ``nn.Conv2d``,
 ``nn.Linear`` and BatchNorm layers become their slim twins (``timm_slim.layers``), in place.
 Coupling and channel counts come from :mod:`timm_slim.channels`; the per-model state
-(width space, channel plan, active width) lives in ``model.slim``.
+(width space, channel plan, active width) lives in ``model.slim`` (:mod:`timm_slim.state`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
 from timm.layers import Linear as TimmLinear
 from timm.layers.conv2d_same import Conv2dSame
 
-from .channels import ChannelGraph, ChannelPlanner, UnsupportedModelError, trace_channels
+from .channels import ChannelPlanner, UnsupportedModelError, trace_channels
+from .control import set_width
 from .layers import BN_KINDS, SWITCHABLE, UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .state import SlimState, slim_layers
 from .width import Width, WidthSpace, width_key
 
 # Exact classes a slim twin replaces (subclasses such as weight-standardised convs compute
@@ -28,41 +29,6 @@ _NORM_CLASSES = (nn.BatchNorm2d, BatchNormAct2d)
 # Modules without weights of their own whose channels can still not be sliced.
 _REFUSED_CONTAINERS = ('MixedConv2d', 'CondConv2d', 'CondConvResidual', 'UniversalInvertedResidual',
                        'MobileAttention')
-
-
-@dataclass
-class SlimState:
-    """Everything a supernet knows about its widths; stored as ``model.slim``."""
-
-    space: WidthSpace
-    bn: str
-    graph: ChannelGraph
-    planner: ChannelPlanner
-    architecture: Optional[str]
-    stages: Tuple[str, ...]
-    width: Width
-    in_chans: int
-    extras: Tuple[str, ...] = ()   # model attributes added by extensions (DS-Net gates); export drops them
-    export_blocker: Optional[str] = None   # why export cannot reproduce the model, if it cannot
-    # (name, layer) of every slim layer, found once at conversion: set_width walks this list
-    # instead of the whole module tree on every call.
-    layers: Tuple[Tuple[str, nn.Module], ...] = ()
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)
-
-    def check(self, width: object) -> Width:
-        """Validate a user width against this supernet (uniform or per-stage)."""
-        return self.space.check(width, self.num_stages)
-
-    def counts(self, width: Width) -> Dict[int, int]:
-        return self.planner.counts(width)
-
-    def layer_io(self, name: str, counts: Dict[int, int]) -> Tuple[int, int]:
-        """(input, output) channels of conv/linear ``name`` under ``counts``."""
-        node_in = self.graph.layer_in[name]
-        return (self.in_chans if node_in is None else counts[node_in]), counts[self.graph.layer_out[name]]
 
 
 def model_stages(model: nn.Module) -> Tuple[str, ...]:
@@ -94,13 +60,6 @@ def _check_modules(model: nn.Module) -> None:
             raise UnsupportedModelError(
                 f'unsupported layer {name} ({cls.__name__}): only Conv2d, Linear and BatchNorm2d layers '
                 f'can be slimmed')
-
-
-def slim_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """(name, layer) of every slim layer of a supernet."""
-    for name, module in model.named_modules():
-        if isinstance(module, (SlimConv2d, SlimLinear, SlimBatchNorm2d)):
-            yield name, module
 
 
 def slimmify(
@@ -152,8 +111,6 @@ def slimmify(
     model.slim = state
     if bn == SWITCHABLE:
         _add_private_norms(model, state)
-    from .control import set_width
-
     set_width(model, space.high if width is None else width)
     return model
 

@@ -4,6 +4,8 @@
 twin at the active width (``layer.twin()``), done with ``copy.deepcopy``'s memo so the full
 weights are never copied. The result is the same timm class (ResNet, EfficientNet, ...) with
 ordinary layers, so ``torch.onnx.export``, ``torch.jit.trace`` and timm's own tools work on it.
+``load`` rebuilds a saved supernet with its DS-Net gates, so this module sits above
+:mod:`timm_slim.dynamic` (which never needs it).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .control import get_width, unwrap, use_width
-from .convert import slim_layers
-from .layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .convert import slimmify
+from .dynamic import add_gates
+from .layers import SlimBatchNorm2d
+from .state import channel_table, slim_layers
 from .width import Width, format_width
 
 FORMAT_KEY = 'timm_slim'
@@ -75,20 +80,6 @@ def _fix_head_attributes(plain: nn.Module, net: nn.Module, counts: Dict[int, int
             info['num_chs'] = counts[group]
 
 
-def channel_table(model: nn.Module, width: Optional[Width] = None) -> Dict[str, list]:
-    """``{layer name: [in, out]}`` for every conv/linear and ``{bn name: [channels]}`` at a width."""
-    net = unwrap(model)
-    state = net.slim
-    counts = state.counts(state.check(get_width(net) if width is None else width))
-    table = {}
-    for name, layer in slim_layers(net):
-        if isinstance(layer, (SlimConv2d, SlimLinear)):
-            table[name] = list(state.layer_io(name, counts))
-        else:
-            table[name] = [counts[state.graph.norm_group[name]]]
-    return table
-
-
 def _atomic_save(tensors: Dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: Dict[str, str]) -> None:
     """Write to a temporary file beside ``path`` and rename it, so nothing is ever half-written."""
     path = os.fspath(path)
@@ -111,7 +102,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
         'version': FORMAT_VERSION,
         'architecture': state.architecture,
         'num_classes': net.num_classes,
-        'model_args': _model_args(net),
+        'model_args': model_args(net),
         **extra,
     }
     # One metadata key: safetensors writes several in random order, and equal weights must give
@@ -119,7 +110,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
     return {FORMAT_KEY: json.dumps(info, sort_keys=True)}
 
 
-def _model_args(net: nn.Module) -> Dict[str, Any]:
+def model_args(net: nn.Module) -> Dict[str, Any]:
     """The base model's constructor arguments that survive JSON (timm records them)."""
     args = {}
     for key, value in (getattr(net, '_model_args', None) or {}).items():
@@ -165,16 +156,10 @@ def read_header(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu') -> nn.Module:
     """Load a file written by ``save_width`` (a plain timm model) or ``save_supernet``."""
-    import timm
-
-    from .convert import slimmify
-
     header = read_header(path)
     architecture = header.get('architecture')
     if not architecture or not timm.is_model(architecture):
         raise ValueError(f'{os.fspath(path)}: unknown architecture {architecture!r}')
-    from safetensors.torch import load_file
-
     tensors = load_file(os.fspath(path), device=str(device))
     with torch.device('meta'):
         base = timm.create_model(architecture, **{**header.get('model_args', {}), 'num_classes': header['num_classes']})
@@ -182,8 +167,6 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu'
         space = {'widths': header['widths']} if 'widths' in header else {'width_range': header['width_range']}
         net = slimmify(base, bn=header['bn'], **space)
         if header.get('gates'):
-            from .dynamic import add_gates
-
             add_gates(net, **header['gates'])
         net.to_empty(device=device)
         net.load_state_dict(tensors, strict=True)

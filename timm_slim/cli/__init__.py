@@ -4,24 +4,23 @@ bad input ends with one clear line on stderr and a non-zero exit, never a traceb
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import List, Optional
 
-# Modules of this package that each contribute one or more verbs.
-VERB_MODULES = ('models', 'export', 'profile', 'hub')
+from . import export, hub, models, profile
+from .common import CliError
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+# Modules of this package that each contribute one or more verbs, in the order of the help.
+_VERBS = (models, export, profile, hub)
+VERB_MODULES = tuple(module.__name__.rpartition('.')[2] for module in _VERBS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-slim', description='Slimmable timm models: one set of weights, '
                                      'any width.')
     subparsers = parser.add_subparsers(dest='verb', required=True, metavar='VERB')
-    for name in VERB_MODULES:
-        importlib.import_module(f'{__name__}.{name}').add_parser(subparsers)
+    for module in _VERBS:
+        module.add_parser(subparsers)
     return parser
 
 

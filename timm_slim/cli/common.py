@@ -1,4 +1,4 @@
-"""Argument parsing shared by the verbs: widths, and models given by name or file."""
+"""What the verbs share: the user error they raise, parsing widths, and models given by name or file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import List, Optional
 
 import torch.nn as nn
 
-from . import CliError
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
 
 
 def parse_widths(text: str) -> List[float]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CliError
-from .common import load_model
+from .common import CliError, load_model
 
 
 def add_parser(subparsers) -> None:

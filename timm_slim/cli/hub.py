@@ -13,8 +13,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import CliError
-from .common import parse_widths
+from .common import CliError, parse_widths
 
 SUPERNET_NAME = 'supernet.safetensors'  # what the recipes save (timm_slim.train.recipe)
 RESULTS_NAME = 'results.json'

@@ -6,8 +6,7 @@ import argparse
 import os
 from typing import Tuple
 
-from . import CliError
-from .common import load_model, parse_widths
+from .common import CliError, load_model, parse_widths
 
 FORMATS = ('md', 'csv', 'json')
 

@@ -8,10 +8,11 @@ reports what the gates chose. See the "Dynamic networks" docs page.
 """
 
 from .cost import RouteCosts, parse_target_macs, route_costs
-from .gates import DEFAULT_CHOICES, DYNAMIC, Decisions, DynamicState, Gate, add_gates, gate_parameters
+from .gates import DEFAULT_CHOICES, Gate, add_gates, gate_parameters
 from .losses import SGS_VARIANTS, choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from .report import DynamicResult, evaluate_dynamic
 from .routing import calibrate_routes, enable_dynamic, masked_forward, straight_through
+from .state import DYNAMIC, Decisions, DynamicState
 from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone, gate_training_mode
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The DS-Net recipe behind ``recipes/dsnet.py``: Stage I, route calibration, Stage II per MACs
 target, and the report.
 
-It is the US-Net recipe's command line (``timm_slim.train.recipe``: data, model, optimizer,
+It is the US-Net recipe's command line (``timm_slim.train.recipe_common``: data, model, optimizer,
 schedule, accelerate, checkpoints) plus the DS-Net flags, and runs:
 
 1. **Stage I** (In-place Ensemble Bootstrapping, ``timm_slim.dynamic.train``) with the stock
@@ -33,15 +33,16 @@ from ..models import DS_SUFFIX, SLIM_SUFFIX
 from ..profile import plot_widths, profile
 from ..train.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from ..train.engine import SlimModelEma, Trainer, evaluate, param_groups, prepare_statistics
-from ..train.recipe import (
-    _checksums,
-    _plain_args,
-    _trackers,
+from ..train.recipe_common import (
     build_data,
     build_datasets,
     build_model,
     build_parser,
     check_args,
+    checksums,
+    plain_args,
+    trackers,
+    write_run_config,
 )
 from ..train.results import markdown_table, write_json
 from ..width import format_width, width_key
@@ -202,16 +203,13 @@ def _stage2(args, accelerator, net, costs, target, val_loader, data, say) -> Dic
         say(f'  fitted logit offset {fitted["offset"]:+.3f}: {fitted["macs"] / 1e6:.2f}M MACs on training images; '
             f'val top-1 {result.top1:.2f}%, MACs {result.mean_macs / 1e6:.2f}M ({100 * result.macs_fraction:.1f}%)')
     trained = copy.deepcopy(net.gates.state_dict())
-    local = torch.stack([sum(v.double().sum() for v in trained.values()), sum((v.double() ** 2).sum()
-                                                                            for v in trained.values())])
-    checksums = accelerator.gather(local.to(accelerator.device)[None]).reshape(-1, 2).tolist()
+    gate_checksums = checksums(trained.values(), accelerator)
     net.gates.load_state_dict(gates)
-    return {'result': result, 'history': history, 'gates': trained, 'gate_checksums': checksums}
+    return {'result': result, 'history': history, 'gates': trained, 'gate_checksums': gate_checksums}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Stage I, calibration, Stage II per target, report; returns what ``results.json`` holds."""
-    import yaml
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import ProjectConfiguration, set_seed
     from timm.optim import create_optimizer_v2
@@ -219,7 +217,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     started = time.perf_counter()
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=_trackers(args.log_with),
+        mixed_precision=args.mixed_precision, log_with=trackers(args.log_with),
         project_config=ProjectConfiguration(project_dir=args.output, logging_dir=os.path.join(args.output, 'logs')),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     set_seed(args.seed)
@@ -248,9 +246,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ema = SlimModelEma(model, decay=args.model_ema_decay, use_warmup=True)
     accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, 'config.yaml'), 'w') as handle:
-            yaml.safe_dump(_plain_args(args), handle, sort_keys=False)
+        write_run_config(args)
     ds = net.ds
     say(f'DS-Net: {args.model} ({args.space.describe()}, universal BN), gates at stages {list(ds.gate_stages)} '
         f'choosing among {list(ds.choices)} (stages before them at {ds.fixed:g}), {ds.num_routes} routes; '
@@ -287,8 +283,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         'method': 'dsnet', 'model': args.model, 'data': data.name, 'input_size': list(data.input_size),
         'gates': ds.config(), 'full_macs': costs.full, 'route_macs': costs.table.flatten().tolist(),
         'static': static_rows, 'dynamic': dynamic_rows, 'stage1': history,
-        'processes': accelerator.num_processes, 'param_checksums': _checksums(model, accelerator),
-        'seconds': time.perf_counter() - started, 'args': _plain_args(args),
+        'processes': accelerator.num_processes, 'param_checksums': checksums(unwrap(model).parameters(), accelerator),
+        'seconds': time.perf_counter() - started, 'args': plain_args(args),
     }
     table = results_table(static_rows, dynamic_rows, ds)
     if accelerator.is_main_process:

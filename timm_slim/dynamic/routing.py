@@ -34,10 +34,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..control import calibrate_bn, get_width, set_width, unwrap
-from ..convert import slim_layers
+from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
-from .gates import DYNAMIC, Decisions, DynamicState
+from ..state import slim_layers
+from .state import DYNAMIC, Decisions, DynamicState
 
 # What ``set_width`` configures on each slim layer (see timm_slim.control.set_width).
 _WIDTH_ATTRS = {
@@ -131,6 +131,9 @@ def enable_dynamic(model: nn.Module) -> str:
                          f'{net.slim.space.describe()}')
     net.slim.width = DYNAMIC
     return DYNAMIC
+
+
+register_width_mode(DYNAMIC, enable_dynamic)  # the core's hook: set_width(model, 'dynamic') lands here
 
 
 # -- plans: the layer settings of one segment for one route prefix ------------------------------

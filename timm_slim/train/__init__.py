@@ -1,6 +1,7 @@
 """Training slimmable supernets: width samplers, inplace distillation, the multi-width step,
 evaluation per width, EMA, checkpoints and reports. ``recipes/snet.py`` and ``recipes/usnet.py``
-are thin scripts over :mod:`timm_slim.train.recipe`.
+are thin scripts over :mod:`timm_slim.train.recipe`; what every recipe shares (DS-Net's too) is
+in :mod:`timm_slim.train.recipe_common`.
 """
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint

@@ -23,8 +23,8 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from ..control import calibrate_bn, set_width, unwrap, use_width
-from ..convert import slim_layers
 from ..layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
+from ..state import slim_layers
 from ..width import Width
 
 __all__ = [

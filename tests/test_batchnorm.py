@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import timm_slim
-from timm_slim.layers import SlimBatchNorm2d
+from timm_slim.layers import UNIVERSAL, SlimBatchNorm2d
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -122,3 +122,24 @@ def test_calibration_is_cumulative_not_momentum():
         features = model.conv1(data)
     assert torch.allclose(mean, features.mean((0, 2, 3)), atol=1e-6)
     assert torch.allclose(var, features.transpose(0, 1).flatten(1).var(1), atol=1e-5)
+
+
+def test_calibration_merges_unequal_batches_exactly():
+    """Batches of 3, 8 and 13 images of activations far from zero (mean 1000, spread 0.1): the
+    merged statistics are those of all 24 images at once, and every batch is normalised with its
+    own statistics, as a training-mode BatchNorm does."""
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(6), UNIVERSAL)
+    bn.is_full, bn.width_key = False, '0_5'
+    data = 1000 + 0.1 * torch.randn(24, 6, 5, 7, dtype=torch.float64)
+    bn.eval()
+    bn.start_calibration()
+    with torch.no_grad():
+        for batch in (data[:3], data[3:11], data[11:]):
+            out = bn(batch.float())
+            expected = nn.functional.batch_norm(batch.float(), None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+            assert torch.allclose(out, expected, atol=1e-4)
+    bn.finish_calibration()
+    mean, var = bn.calib.get('0_5')
+    flat = data.transpose(0, 1).flatten(1)
+    assert torch.allclose(mean.double(), flat.mean(1), rtol=0, atol=1e-4)
+    assert torch.allclose(var.double(), flat.var(1), rtol=1e-3, atol=0)

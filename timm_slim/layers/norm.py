@@ -57,27 +57,42 @@ class CalibratedStats(nn.Module):
 
 
 class _Moments:
-    """Exact (not running) mean and unbiased variance over every pixel of every batch seen."""
+    """Exact (not running) mean and unbiased variance over every pixel of every batch seen.
+
+    Each batch is normalised by a training-mode ``F.batch_norm`` with momentum 1, which leaves
+    that batch's own mean and unbiased variance in two scratch buffers at no extra pass (the
+    fused kernel a training forward runs anyway); batches are then merged in float64 with Chan's
+    parallel formula (count-weighted means; squared deviations plus the spread between the
+    batch means). That is the statistics of all images at once, without the float64 copy of
+    every activation that cost 3.5x the forward.
+    """
 
     def __init__(self) -> None:
         self.count = 0
-        self.total: Optional[torch.Tensor] = None
-        self.total_sq: Optional[torch.Tensor] = None
+        self.mean: Optional[torch.Tensor] = None
+        self.m2: Optional[torch.Tensor] = None   # sum of squared deviations from the mean
 
-    def observe(self, x: torch.Tensor) -> None:
-        x64 = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
-        total, total_sq = x64.sum(1), (x64 * x64).sum(1)
-        if self.total is None:
-            self.total, self.total_sq = total, total_sq
+    def normalize(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  eps: float) -> torch.Tensor:
+        """``x`` normalised with its own batch statistics, which are folded in."""
+        channels, count = x.shape[1], x.numel() // x.shape[1]
+        batch_mean = torch.zeros(channels, device=x.device, dtype=torch.float32)
+        batch_var = torch.ones(channels, device=x.device, dtype=torch.float32)
+        out = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+        mean, m2 = batch_mean.double(), batch_var.double() * max(count - 1, 0)
+        if self.mean is None:
+            self.mean, self.m2 = mean, m2
         else:
-            self.total += total
-            self.total_sq += total_sq
-        self.count += x64.shape[1]
+            total = self.count + count
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        self.count += count
+        return out
 
     def result(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        mean = self.total / self.count
-        var = (self.total_sq - self.count * mean * mean) / max(self.count - 1, 1)
-        return mean.to(dtype), var.clamp_min(0).to(dtype)
+        var = self.m2 / max(self.count - 1, 1)
+        return self.mean.to(dtype), var.clamp_min(0).to(dtype)
 
 
 class SlimBatchNorm2d(nn.BatchNorm2d):
@@ -144,8 +159,7 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         weight = source.weight[:channels] if self.affine else None
         bias = source.bias[:channels] if self.affine else None
         if self._moments is not None:
-            self._moments.observe(x)
-            x = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            x = self._moments.normalize(x, weight, bias, self.eps)
         elif self.training:
             tracks = self.private_key is not None or self.is_full
             if self.kind == UNIVERSAL:

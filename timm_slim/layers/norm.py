@@ -76,8 +76,9 @@ class _Moments:
                   eps: float) -> torch.Tensor:
         """``x`` normalised with its own batch statistics, which are folded in."""
         channels, count = x.shape[1], x.numel() // x.shape[1]
-        batch_mean = torch.zeros(channels, device=x.device, dtype=torch.float32)
-        batch_var = torch.ones(channels, device=x.device, dtype=torch.float32)
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype   # what batch_norm takes
+        batch_mean = torch.zeros(channels, device=x.device, dtype=dtype)
+        batch_var = torch.ones(channels, device=x.device, dtype=dtype)
         out = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
         mean, m2 = batch_mean.double(), batch_var.double() * max(count - 1, 0)
         if self.mean is None:

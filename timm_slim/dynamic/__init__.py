@@ -13,7 +13,16 @@ from .losses import SGS_VARIANTS, choice_correctness, complexity_loss, route_mac
 from .report import DynamicResult, evaluate_dynamic
 from .routing import calibrate_routes, enable_dynamic, masked_forward, straight_through
 from .state import DYNAMIC, Decisions, DynamicState
-from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone, gate_training_mode
+from .train import (
+    GateTrainer,
+    IEBCriterion,
+    IEBLoader,
+    IEBSampler,
+    fit_target,
+    freeze_backbone,
+    freeze_gates,
+    gate_training_mode,
+)
 
 __all__ = [
     'DEFAULT_CHOICES',
@@ -36,6 +45,7 @@ __all__ = [
     'evaluate_dynamic',
     'fit_target',
     'freeze_backbone',
+    'freeze_gates',
     'gate_parameters',
     'gate_training_mode',
     'masked_forward',

@@ -12,7 +12,7 @@ from .gates import DEFAULT_CHOICES, Gate, add_gates, gate_parameters
 from .losses import SGS_VARIANTS, choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from .report import DynamicResult, evaluate_dynamic
 from .routing import calibrate_routes, enable_dynamic, masked_forward, straight_through
-from .state import DYNAMIC, Decisions, DynamicState
+from .state import DYNAMIC, GATE_ARGS, Decisions, DynamicState
 from .train import (
     GateTrainer,
     IEBCriterion,
@@ -27,6 +27,7 @@ from .train import (
 __all__ = [
     'DEFAULT_CHOICES',
     'DYNAMIC',
+    'GATE_ARGS',
     'SGS_VARIANTS',
     'Decisions',
     'DynamicResult',

@@ -591,3 +591,23 @@ def test_dsnet_file_whose_gates_differ_from_the_config_is_refused(dsnet, hub, fr
                       commit_message='mismatch')
     with pytest.raises(ValueError, match=r'model.safetensors holds resnet18 supernet .*mismatched widths, gates'):
         timm_slim.load_from_hub('user/ds-mismatch')
+
+
+def test_cli_pushes_a_dsnet_run_target(dsnet, hub, fresh_cache, x, tmp_path, capsys) -> None:
+    run = tmp_path / 'dsnet'
+    run.mkdir()
+    timm_slim.save_supernet(dsnet, run / 'supernet.safetensors')
+    timm_slim.save_supernet(dsnet, run / 'dsnet-target-0_3.safetensors')
+    rows = [{'width': 0.35, 'macs': 1, 'top1': 95.5}, {'width': 1.0, 'macs': 2, 'top1': 97.5}]
+    (run / 'results.json').write_text(json.dumps({'method': 'dsnet', 'data': 'digits', 'input_size': [3, 32, 32],
+                                                  'static': rows, 'dynamic': []}))
+    assert cli_main(['push', str(run), '--repo-id', 'user/cli-ds']) == 2   # which target? it says
+    assert 'push one of them: timm-slim push' in capsys.readouterr().err
+    target = run / 'dsnet-target-0_3.safetensors'
+    assert cli_main(['push', str(target), '--results', str(run / 'results.json'), '--repo-id', 'user/cli-ds']) == 0
+    config = json.loads(hub.files('user/cli-ds')['config.json'])
+    assert config['architecture'] == 'resnet18_ds' and config['slim']['gates'] == dsnet.ds.config()
+    assert [(e['width'], e['accuracy']) for e in config['slim']['widths']] == [(0.35, 95.5), (1.0, 97.5)]
+    expected, _ = _dynamic_outputs(dsnet, x)
+    out, _ = _dynamic_outputs(timm.create_model('hf-hub:user/cli-ds', pretrained=True), x)
+    assert torch.equal(out, expected)

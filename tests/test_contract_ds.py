@@ -241,3 +241,15 @@ def test_two_gloo_processes_train_static_widths_without_find_unused_parameters(t
         assert result['checksums'][0] == result['checksums'][1], name     # the ranks stayed in sync
         assert result['moved'] == result['trainable'], name                # every trainable parameter learned
         assert not any(n.startswith('gates.') for n in result['moved'])  # the decision heads waited
+
+
+def test_ds_names_take_every_gate_argument_and_files_keep_them_apart():
+    from timm_slim.dynamic import GATE_ARGS
+    from timm_slim.export import model_args
+
+    given = dict(choices=(0.5, 1.0), at=(3,), fixed=0.5, se=False, tau=2.0, reduction=8)
+    assert tuple(given) == GATE_ARGS
+    model = timm.create_model('resnet18_ds', num_classes=10, drop_rate=0.1, **given)
+    assert model.ds.config() == {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
+    assert model.gates["3"].fc1.out_features == 32     # layer3 gives 256 channels; / reduction 8
+    assert model_args(model) == {'num_classes': 10, 'drop_rate': 0.1}  # the base model's own arguments only

@@ -491,6 +491,7 @@ def test_dsnet_push_holds_gates_choices_and_route_statistics(dsnet, hub) -> None
     assert config['model_args'] == {'num_classes': NUM_CLASSES, 'width_range': [0.35, 1.0], 'bn': 'universal',
                                     **gates}
     assert config['slim']['gates'] == gates == dsnet.ds.config()
+    assert config['pretrained_cfg']['architecture'] == 'resnet18' and config['slim']['base_architecture'] == 'resnet18'
     assert config['slim']['routes'] == {'count': 9, 'calibrated': 9}
     assert [e['width'] for e in config['slim']['widths']] == DS_WIDTHS   # the routes are no default widths
     header = json.loads(json.loads(files['model.safetensors'][8:8 + int.from_bytes(files['model.safetensors'][:8],

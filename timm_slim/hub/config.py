@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
-from ..dynamic import GATE_ARGS
+from ..convert import slimmify
+from ..dynamic import GATE_ARGS, add_gates
 from ..layers import BN_KINDS
 from ..names import DS_MODELS, SLIM_MODELS
 from ..width import Width, WidthSpace, format_width, width_key
@@ -217,9 +218,6 @@ def _gates(slim: Dict[str, Any], model_args: Dict[str, Any], base: str, num_clas
     (no weights), so that every value ``add_gates`` would refuse is refused before a download."""
     import timm
     import torch
-
-    from ..convert import slimmify
-    from ..dynamic import add_gates
 
     gates, routes = slim.get('gates'), slim.get('routes')
     if not isinstance(gates, dict) or set(gates) != set(GATE_ARGS):

@@ -106,7 +106,8 @@ def _write(net: nn.Module, plan: _Plan, out: Path, repo_id: Optional[str]) -> Di
         slim['routes'] = {'count': net.ds.num_routes, 'calibrated': net.ds.num_routes}
         model_args.update(net.ds.config())
     pretrained_cfg = {**plan.data_cfg, 'num_classes': net.num_classes, 'license': plan.license,
-                      'architecture': state.architecture if architecture.endswith('_slim') else architecture}
+                      'architecture': state.architecture if architecture.endswith((SLIM_SUFFIX, DS_SUFFIX))
+                      else architecture}
     if repo_id:
         pretrained_cfg['hf_hub_id'] = repo_id
     config = jsonable({'architecture': architecture, 'num_classes': net.num_classes, 'model_args': model_args,

@@ -178,6 +178,11 @@ def test_fx_in_dynamic_mode_says_why_and_what_to_do(name):
     message = str(error.value)
     assert 'from its data' in message and 'timm_slim.set_width(model, 0.25)' in message
     assert 'timm_slim.export(model, 0.25)' in message
+    timm_slim.calibrate_bn(model, [_images()], widths=[0.25], num_images=4)
+    graph = torch.fx.symbolic_trace(timm_slim.export(model, 0.25).eval())   # the advice works
+    x = _images(2)
+    with torch.no_grad(), timm_slim.use_width(model.eval(), 0.25):
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-5)
 
 
 def test_forward_features_in_dynamic_mode_is_refused_with_the_alternatives():

@@ -244,8 +244,11 @@ def test_usnet_push_without_statistics_is_refused(hub: HubServer) -> None:
     with pytest.raises(ValueError, match=r'is out of range; allowed: a number in \[0\.35, 1\]'):
         timm_slim.push_to_hub(model, 'user/uncalibrated', widths=[0.2])
     gated = timm.create_model('mobilenetv2_100_ds', num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match=r'carries DS-Net parts \(gates'):
-        timm_slim.push_to_hub(gated, 'user/uncalibrated')
+    with pytest.raises(ValueError, match=r'no BatchNorm statistics for 4 of its 4 routes .*calibrate_routes'):
+        timm_slim.push_to_hub(gated, 'user/uncalibrated', widths=[1.0])
+    double = timm.create_model('mobilenetv2_100_ds', num_classes=NUM_CLASSES, se=True)
+    with pytest.raises(ValueError, match=r'cannot publish this DS-Net supernet: its double-headed .*width=w'):
+        timm_slim.push_to_hub(double, 'user/uncalibrated', widths=[1.0])
     assert hub.requests == []  # refused before anything was sent
     with pytest.raises(KeyError):
         hub.commits('user/uncalibrated')
@@ -348,8 +351,8 @@ def test_corrupted_or_truncated_download_is_refused(usnet, hub, fresh_cache, x) 
     assert not cached.exists()
 
 
-def _repo_with_config(hub: HubServer, repo_id: str, edit) -> None:
-    config = json.loads(hub.files('user/usnet')['config.json'])
+def _repo_with_config(hub: HubServer, repo_id: str, edit, source: str = 'user/usnet') -> None:
+    config = json.loads(hub.files(source)['config.json'])
     edit(config)
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
@@ -363,6 +366,9 @@ def _repo_with_config(hub: HubServer, repo_id: str, edit) -> None:
     (lambda c: c['slim']['widths'][1].update(file='../../../etc/passwd'), 'expected .widths/width_0.5.safetensors'),
     (lambda c: c['slim'].update(base_architecture='resnet50'), 'but slim.base_architecture'),
     (lambda c: c.update(architecture='mobilenetv2_100'), 'names the plain timm architecture mobilenetv2_100'),
+    (lambda c: c['slim'].update(extra=1), r"unknown key\(s\) 'extra' in slim; allowed: base_architecture"),
+    (lambda c: c['slim']['widths'][0].update(sha='x'), r"unknown key\(s\) 'sha' in a slim.widths entry"),
+    (lambda c: c.update(architecture='mobilenetv2_100_ds'), 'a \\*_ds architecture is exactly a supernet repo'),
 ])
 def test_bad_config_is_refused_before_any_weights_are_fetched(usnet, hub, fresh_cache, edit, message) -> None:
     _repo_with_config(hub, 'user/bad', edit)
@@ -436,3 +442,173 @@ def test_cli_push_a_training_output_and_pull_one_width(snet, hub, fresh_cache, x
     assert err.count('\n') == 1 and 'it holds widths [0.5, 1]' in err
     assert cli_main(['push', str(tmp_path / 'nowhere'), '--repo-id', 'user/cli']) == 2
     assert 'no such file or folder' in capsys.readouterr().err
+
+
+# -- DS-Net: a gated supernet, its gates and every route's statistics in one repo -----------------
+
+DS_WIDTHS = [0.35, 0.5, 1.0]
+DS_GATES = dict(choices=(0.35, 0.5, 1.0), at=(2, 3))
+
+
+@pytest.fixture(scope='module')
+def dsnet(hub: HubServer) -> torch.nn.Module:
+    """resnet18_ds (gates before layer3 and layer4, 9 routes, every route calibrated on real images)
+    published to user/dsnet; the push calibrates the static widths."""
+    from test_dynamic import _randomise_gates
+
+    torch.manual_seed(2)
+    model = timm.create_model('resnet18_ds', num_classes=NUM_CLASSES, width_range=(0.35, 1.0), **DS_GATES)
+    _randomise_bn(model, 2)
+    _randomise_gates(model, 2)
+    model.eval()
+    timm_slim.calibrate_routes(model, _digits_loader())
+    timm_slim.set_width(model, 'dynamic')
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for j, gate in enumerate(model.gates.values()):   # centre each gate's logits: inputs take different routes
+            model(images)
+            gate.fc2.bias.sub_(model.ds.last.logits[:, j].mean(0))
+    timm_slim.set_width(model, 1.0)
+    timm_slim.push_to_hub(model, 'user/dsnet', widths=DS_WIDTHS, calib_loader=_digits_loader(),
+                          accuracy={0.35: 95.0, 0.5: 96.0, 1.0: 97.0}, pretrained_cfg_overlay=DIGITS_CFG)
+    return model
+
+
+def _dynamic_outputs(model: torch.nn.Module, x: torch.Tensor):
+    timm_slim.set_width(model, 'dynamic')
+    with torch.no_grad():
+        out = model.eval()(x)
+    return out, model.ds.last.routes.clone()
+
+
+def test_dsnet_push_holds_gates_choices_and_route_statistics(dsnet, hub) -> None:
+    files = hub.files('user/dsnet')
+    assert len(hub.commits('user/dsnet')) == 2   # one commit for the push
+    assert {'config.json', 'model.safetensors', 'README.md', *(width_filename(w) for w in DS_WIDTHS)} <= set(files)
+    config = json.loads(files['config.json'])
+    gates = {'choices': [0.35, 0.5, 1.0], 'at': [2, 3], 'fixed': 0.35, 'se': False, 'tau': 1.0, 'reduction': 4}
+    assert config['architecture'] == 'resnet18_ds'
+    assert config['model_args'] == {'num_classes': NUM_CLASSES, 'width_range': [0.35, 1.0], 'bn': 'universal',
+                                    **gates}
+    assert config['slim']['gates'] == gates == dsnet.ds.config()
+    assert config['pretrained_cfg']['architecture'] == 'resnet18' and config['slim']['base_architecture'] == 'resnet18'
+    assert config['slim']['routes'] == {'count': 9, 'calibrated': 9}
+    assert [e['width'] for e in config['slim']['widths']] == DS_WIDTHS   # the routes are no default widths
+    header = json.loads(json.loads(files['model.safetensors'][8:8 + int.from_bytes(files['model.safetensors'][:8],
+                                                                                   'little')])['__metadata__']
+                        ['timm_slim'])
+    assert header['gates'] == gates
+    # every route's statistics travel in model.safetensors: one calibration per route and BatchNorm
+    route_keys = {timm_slim.width.width_key(dsnet.slim.check(dsnet.ds.route_width(r))) for r in dsnet.ds.routes()}
+    assert route_keys <= set(timm_slim.control.calibrated_widths(dsnet)) | {'1'}
+    card = files['README.md'].decode()
+    assert {'ds-net', 'dynamic'} <= set(yaml.safe_load(card.split('---\n')[1])['tags'])
+    assert 'gates before stages 2, 3' in card and "timm_slim.set_width(supernet, 'dynamic')" in card
+
+
+def test_dsnet_loads_back_and_routes_with_identical_outputs(dsnet, hub, fresh_cache, x) -> None:
+    x = torch.cat([x, torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))])
+    expected, routes = _dynamic_outputs(dsnet, x)
+    assert len({tuple(r) for r in routes.tolist()}) >= 2, 'the test needs inputs that take different routes'
+    supernet = timm.create_model('hf-hub:user/dsnet', pretrained=True)
+    assert _fetched(hub) == {'config.json', 'model.safetensors'}
+    assert supernet.ds.config() == dsnet.ds.config() and timm_slim.get_width(supernet) == 1.0
+    out, got = _dynamic_outputs(supernet, x)
+    assert torch.equal(got, routes) and torch.equal(out, expected)
+    started = timm.create_model('hf-hub:user/dsnet', pretrained=True, width='dynamic').eval()
+    assert timm_slim.get_width(started) == 'dynamic'
+    with torch.no_grad():
+        assert torch.equal(started(x), expected)
+    loaded = timm_slim.load_from_hub('user/dsnet', width='dynamic').eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected) and torch.equal(loaded.ds.last.routes, routes)
+    again, _ = _dynamic_outputs(timm_slim.load_from_hub('user/dsnet'), x)
+    assert torch.equal(again, expected)
+    for width in (0.5, dsnet.ds.route_width((1, 0))):   # static widths and routes of the supernet too
+        torch.testing.assert_close(_outputs(supernet, x, width), _outputs(dsnet, x, width), rtol=0, atol=0)
+
+
+def test_dsnet_widths_are_plain_timm_models(dsnet, hub, fresh_cache, x) -> None:
+    for width in DS_WIDTHS:
+        hub.reset_requests()
+        plain = timm.create_model('hf-hub:user/dsnet', pretrained=True, width=width).eval()
+        assert _fetched(hub) == {'config.json', width_filename(width)}
+        assert type(plain).__name__ == 'ResNet' and not hasattr(plain, 'gates')
+        assert not any(isinstance(m, SLIM_LAYERS) for m in plain.modules())
+        assert (_outputs(plain, x) - _outputs(dsnet, x, width)).abs().max().item() < 1e-5
+    # one static width of a DS-Net as a repo of its own: a plain timm model, as for any supernet
+    timm_slim.push_to_hub(dsnet, 'user/dsnet-100', width=1.0)
+    assert json.loads(hub.files('user/dsnet-100')['config.json'])['architecture'] == 'resnet18'
+
+
+def test_dsnet_arguments_that_change_the_weights_are_refused(dsnet, hub, fresh_cache) -> None:
+    with pytest.raises(ValueError, match=r"gates are \{.*\}; its weights cannot be loaded with \{'tau': 2\.0\}"):
+        timm.create_model('hf-hub:user/dsnet', pretrained=True, tau=2.0)
+    with pytest.raises(ValueError, match=r"cannot be loaded with \{'choices': \(0\.5, 1\.0\)\}"):
+        timm.create_model('hf-hub:user/dsnet', pretrained=True, choices=(0.5, 1.0))
+    with pytest.raises(ValueError, match=r"user/usnet holds no DS-Net gates, so it has no width 'dynamic'"):
+        timm_slim.load_from_hub('user/usnet', width='dynamic')
+    with pytest.raises(ValueError, match='a width must be a finite number'):
+        timm_slim.load_from_hub('user/dsnet', width='fast')
+    assert _fetched(hub) == {'config.json'}
+
+
+def _gates_edit(key, value):
+    def edit(config):
+        config['slim']['gates'][key] = value
+        config['model_args'][key] = value
+    return edit
+
+
+@pytest.mark.parametrize(('edit', 'message'), [
+    (lambda c: c['slim']['gates'].update(temperature=2), r'has slim.gates .*expected exactly the add_gates'),
+    (lambda c: c['model_args'].update(tau=3.0), r'mismatched gates: model_args say tau=3\.0, slim.gates says tau=1\.0'),
+    (_gates_edit('at', [9]), r'slim.gates that resnet18 cannot take: no gate can sit at stage 9: allowed are '),
+    (_gates_edit('choices', [0.1, 1.0]), r"cannot take: gate choice 0\.1 is not in the supernet's width space"),
+    (_gates_edit('se', 'yes'), r"slim.gates.se 'yes'; expected true or false"),
+    (lambda c: c['slim']['routes'].update(calibrated=4), r'its gates have 9 routes, all of which'),
+    (lambda c: c['slim']['routes'].update(seen=4), r"unknown key\(s\) 'seen' in slim.routes"),
+    (lambda c: c['slim'].pop('gates'), r'a \*_ds architecture is exactly a supernet repo with slim.gates'),
+    (lambda c: c.update(architecture='resnet18_slim'), r'names resnet18_slim with slim.kind .supernet. and slim.gates'),
+])
+def test_bad_dsnet_config_is_refused_before_any_weights_are_fetched(dsnet, hub, fresh_cache, edit, message) -> None:
+    _repo_with_config(hub, 'user/bad-ds', edit, source='user/dsnet')
+    hub.reset_requests()
+    with pytest.raises(ValueError, match=message):
+        timm_slim.load_from_hub('user/bad-ds')
+    with pytest.raises(ValueError, match=message):
+        timm.create_model('hf-hub:user/bad-ds', pretrained=True, width='dynamic')
+    assert _fetched(hub) == {'config.json'}
+
+
+def test_dsnet_file_whose_gates_differ_from_the_config_is_refused(dsnet, hub, fresh_cache) -> None:
+    files = hub.files('user/dsnet')
+    config = json.loads(files['config.json'])
+    _gates_edit('tau', 2.0)(config)   # a valid config, but not what model.safetensors was saved with
+    api = HfApi()
+    api.create_repo('user/ds-mismatch', exist_ok=True)
+    api.create_commit('user/ds-mismatch', [CommitOperationAdd('config.json', json.dumps(config).encode()),
+                                           CommitOperationAdd('model.safetensors', files['model.safetensors'])],
+                      commit_message='mismatch')
+    with pytest.raises(ValueError, match=r'model.safetensors holds resnet18 supernet .*mismatched widths, gates'):
+        timm_slim.load_from_hub('user/ds-mismatch')
+
+
+def test_cli_pushes_a_dsnet_run_target(dsnet, hub, fresh_cache, x, tmp_path, capsys) -> None:
+    run = tmp_path / 'dsnet'
+    run.mkdir()
+    timm_slim.save_supernet(dsnet, run / 'supernet.safetensors')
+    timm_slim.save_supernet(dsnet, run / 'dsnet-target-0_3.safetensors')
+    rows = [{'width': 0.35, 'macs': 1, 'top1': 95.5}, {'width': 1.0, 'macs': 2, 'top1': 97.5}]
+    (run / 'results.json').write_text(json.dumps({'method': 'dsnet', 'data': 'digits', 'input_size': [3, 32, 32],
+                                                  'static': rows, 'dynamic': []}))
+    assert cli_main(['push', str(run), '--repo-id', 'user/cli-ds']) == 2   # which target? it says
+    assert 'push one of them: timm-slim push' in capsys.readouterr().err
+    target = run / 'dsnet-target-0_3.safetensors'
+    assert cli_main(['push', str(target), '--results', str(run / 'results.json'), '--repo-id', 'user/cli-ds']) == 0
+    config = json.loads(hub.files('user/cli-ds')['config.json'])
+    assert config['architecture'] == 'resnet18_ds' and config['slim']['gates'] == dsnet.ds.config()
+    assert [(e['width'], e['accuracy']) for e in config['slim']['widths']] == [(0.35, 95.5), (1.0, 97.5)]
+    expected, _ = _dynamic_outputs(dsnet, x)
+    out, _ = _dynamic_outputs(timm.create_model('hf-hub:user/cli-ds', pretrained=True), x)
+    assert torch.equal(out, expected)

@@ -348,3 +348,55 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
         assert lines[0].startswith('timm-slim profile: error:') and message in lines[0], lines[0]
+
+
+def test_cli_takes_timm_script_spellings_and_the_old_ones(tmp_path, capsys):
+    from timm_slim.cli import build_parser, main
+
+    common = ['--widths', '0.5,1', '--format', 'json', '--num-classes', '10']
+    spellings = {
+        'timm': ['profile', '--model', 'resnet18_slim', '--input-size', '3', '32', '32', '-b', '2', *common],
+        'timm, model last': ['profile', *common, '--batch-size', '2', '--input-size', '3', '32', '32', 'resnet18_slim'],
+        'img-size': ['profile', 'resnet18_slim', '--img-size', '32', '-b', '2', *common],
+        'both, agreeing': ['profile', 'resnet18_slim', '--img-size', '32', '--input-size', '3', '32', '32', '-b', '2',
+                           *common],
+        'old': ['profile', 'resnet18_slim', '--input-size', '3,32,32', '--batch-size', '2', *common],
+        'old, one value': ['profile', 'resnet18_slim', '--input-size', '32', '--batch-size', '2', *common],
+    }
+    tables = {}
+    for label, argv in spellings.items():
+        assert main(argv) == 0, label
+        tables[label] = json.loads(capsys.readouterr().out)
+    first = tables['timm']
+    assert first['input_size'] == [3, 32, 32] and first['batch_size'] == 2
+    assert [r['width'] for r in first['rows']] == [0.5, 1.0] and first['rows'][0]['macs'] < first['rows'][1]['macs']
+    assert all(table == first for table in tables.values()), tables
+    assert main(['profile', 'resnet18_slim', '--img-size', '64', *common]) == 0  # a different size really is used
+    assert json.loads(capsys.readouterr().out)['rows'][0]['macs'] > 3.9 * first['rows'][0]['macs']  # 4x the pixels
+    parse = build_parser().parse_args
+    assert parse(['profile', 'm']).channels_last and parse(['profile', 'm', '--channels-last']).channels_last
+    assert not parse(['profile', 'm', '--no-channels-last']).channels_last
+    out = tmp_path / 'full.safetensors'
+    assert main(['export', '--model', 'resnet18_slim', '--width', '1', '-o', str(out), '--num-classes', '10']) == 0
+    assert timm_slim.read_header(out)['width'] == 1.0 and timm_slim.read_header(out)['num_classes'] == 10
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['resnet18_slim', '--input-size', '3', '32'], "malformed --input-size '3 32': give C H W as positive integers"),
+    (['resnet18_slim', '--input-size', '3', 'x', '32'], "malformed --input-size '3 x 32'"),
+    (['resnet18_slim', '--input-size', '3', '32', '0'], "malformed --input-size '3 32 0'"),
+    (['resnet18_slim', '--img-size', '0'], '--img-size must be a positive integer, got 0'),
+    (['resnet18_slim', '--img-size', '64', '--input-size', '3', '32', '32'],
+     '--img-size 64 and --input-size 3 32 32 disagree'),
+    (['--input-size', '3', '32', '32'], 'the model is missing: give it first'),
+    (['resnet18_slim', '--model', 'resnet50_slim'], "two models given, 'resnet18_slim' and --model 'resnet50_slim'"),
+    (['resnet18_slim', '-b', '0'], '--batch-size must be a positive integer, got 0'),
+])
+def test_cli_bad_sizes_and_models_are_one_clear_line(argv, message, capsys):
+    from timm_slim.cli import main
+
+    assert main(['profile', *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == '' and len(lines) == 1, captured.err
+    assert lines[0].startswith('timm-slim profile: error:') and message in lines[0], lines[0]

@@ -24,13 +24,16 @@ from safetensors.torch import load_file, save_file
 
 from .control import get_width, unwrap, use_width
 from .convert import slimmify
-from .dynamic import add_gates
+from .dynamic import GATE_ARGS, add_gates
 from .layers import SlimBatchNorm2d
 from .state import channel_table, slim_layers
 from .width import Width, format_width
 
 FORMAT_KEY = 'timm_slim'
 FORMAT_VERSION = 1
+# Arguments of the *_slim / *_ds names that are timm_slim's own (the width space, DS-Net gates),
+# not the base model's.
+SLIM_ARGS = ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay', *GATE_ARGS)
 
 
 def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
@@ -114,8 +117,7 @@ def model_args(net: nn.Module) -> Dict[str, Any]:
     """The base model's constructor arguments that survive JSON (timm records them)."""
     args = {}
     for key, value in (getattr(net, '_model_args', None) or {}).items():
-        if key in ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay',
-                   'choices', 'at', 'fixed', 'se', 'tau'):   # timm_slim's own (DS-Net gates: add_gates)
+        if key in SLIM_ARGS:
             continue
         try:
             json.dumps(value)

@@ -28,6 +28,23 @@ def parse_widths(text: str) -> List[float]:
                        f'like 0.25:1.0:0.05') from None
 
 
+def add_model_argument(parser, help: str) -> None:
+    """The model, given as the verb's first argument or as ``--model NAME`` (timm's scripts' spelling)."""
+    parser.add_argument('model', nargs='?', default=None, help=help)
+    parser.add_argument('--model', dest='model_flag', default=None, metavar='MODEL',
+                        help='the same as MODEL, spelled as timm\'s scripts spell it')
+
+
+def model_argument(args) -> str:
+    """The model of ``add_model_argument``: exactly one of MODEL and ``--model``."""
+    given = [m for m in (args.model, args.model_flag) if m is not None]
+    if not given:
+        raise CliError('the model is missing: give it first (timm-slim VERB MODEL ...) or as --model MODEL')
+    if len(given) == 2 and given[0] != given[1]:
+        raise CliError(f'two models given, {given[0]!r} and --model {given[1]!r}: give one')
+    return given[0]
+
+
 def load_model(spec: str, num_classes: Optional[int] = None, width_range: Optional[List[float]] = None) -> nn.Module:
     """A supernet from a ``*_slim`` name, any supported timm name (converted on the fly), or a
     file written by ``save_supernet`` / ``save_width``."""

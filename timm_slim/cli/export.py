@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, load_model
+from .common import CliError, add_model_argument, load_model, model_argument
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser('export', help='write one width as a plain timm model (safetensors)')
-    parser.add_argument('model', help='*_slim name, timm name, or a supernet .safetensors file')
+    add_model_argument(parser, '*_slim name, timm name, or a supernet .safetensors file')
     parser.add_argument('--width', required=True, help='a width, e.g. 0.5, or per stage: 0.25,0.5,0.75,1')
     parser.add_argument('-o', '--output', required=True, help='output .safetensors path')
     parser.add_argument('--num-classes', type=int, default=None)
@@ -25,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f'malformed --width {args.width!r}: a number like 0.5, '
                        f'or one per stage: 0.25,0.5,0.75,1') from None
     width = values[0] if len(values) == 1 else tuple(values)
-    model = load_model(args.model, num_classes=args.num_classes)
+    spec = model_argument(args)
+    model = load_model(spec, num_classes=args.num_classes)
     if not hasattr(model, 'slim'):
-        raise CliError(f'{args.model} holds one exported width, not a supernet')
+        raise CliError(f'{spec} holds one exported width, not a supernet')
     timm_slim.save_width(model, width, args.output)
     print(f'wrote {args.output} ({timm_slim.read_header(args.output)["architecture"]} at width {args.width})')
     return 0

@@ -96,6 +96,11 @@ def _locate(path: str, results: Optional[str]) -> Tuple[str, Optional[str]]:
         raise CliError(f'no such file or folder: {path}')
     if results is None and os.path.isfile(os.path.join(path, RESULTS_NAME)):
         results = os.path.join(path, RESULTS_NAME)
+    targets = sorted(n for n in os.listdir(path) if n.startswith('dsnet-target-') and n.endswith('.safetensors'))
+    if targets:  # its supernet.safetensors holds untrained gates: the trained ones are per target
+        raise CliError(f'{path} is a DS-Net run with one gated supernet per MACs target ({", ".join(targets)}); '
+                       f'push one of them: timm-slim push {os.path.join(path, targets[0])} --results '
+                       f'{results or os.path.join(path, RESULTS_NAME)} --repo-id ...')
     if os.path.isfile(os.path.join(path, SUPERNET_NAME)):
         return os.path.join(path, SUPERNET_NAME), results
     found: List[str] = []
@@ -113,13 +118,14 @@ def _locate(path: str, results: Optional[str]) -> Tuple[str, Optional[str]]:
 
 
 def _read_results(path: str) -> Dict[str, Any]:
-    """Widths, top-1 accuracy, input size and data set from a recipe's results.json."""
+    """Widths, top-1 accuracy, input size and data set from a recipe's results.json (S-Net, US-Net, or
+    the DS-Net recipe's static widths)."""
     from timm_slim.data import DIGITS_MEAN, DIGITS_STD
 
     try:
         with open(path, encoding='utf-8') as handle:
             data = json.load(handle)
-        rows = data['widths']
+        rows = data['widths'] if 'widths' in data else data['static']  # the DS-Net recipe: its static widths
         widths = [tuple(r['width']) if isinstance(r['width'], list) else r['width'] for r in rows]
         accuracy = {w: r['top1'] for w, r in zip(widths, rows) if r.get('top1') is not None}
     except (OSError, ValueError, KeyError, TypeError) as error:

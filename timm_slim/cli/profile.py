@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Tuple
+import re
+from typing import Sequence, Tuple, Union
 
-from .common import CliError, load_model, parse_widths
+from .common import CliError, add_model_argument, load_model, model_argument, parse_widths
 
 FORMATS = ('md', 'csv', 'json')
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser('profile', help='MACs (fvcore), parameters and latency per width')
-    parser.add_argument('model', help='*_slim name, timm name (converted on the fly), or a .safetensors file '
-                                      '(a supernet, or one exported width)')
+    add_model_argument(parser, '*_slim name, timm name (converted on the fly), or a .safetensors file (a supernet, '
+                               'or one exported width)')
     parser.add_argument('--widths', default=None,
                         help='0.25,0.5,1.0 or low:high:step like 0.25:1.0:0.05 (default: the S-Net list, or '
                              'the ends and quarters of the US-Net range)')
-    parser.add_argument('--input-size', default='3,224,224', help='C,H,W of one image (default 3,224,224)')
+    parser.add_argument('--input-size', nargs='+', default=None, metavar='N',
+                        help='C H W of one image, as timm\'s scripts take it (3 224 224; 3,224,224 and a single '
+                             '224 work too); default 3 224 224')
+    parser.add_argument('--img-size', type=int, default=None, metavar='N',
+                        help='height = width of one image, as timm\'s --img-size (the model\'s input channels)')
     parser.add_argument('--latency', action='store_true', help='also time each width (median and IQR)')
-    parser.add_argument('--batch-size', type=int, default=1, help='images per forward for --latency')
+    parser.add_argument('-b', '--batch-size', type=int, default=1, help='images per forward for --latency')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None,
                         help='intra-op CPU threads for --latency (torch.set_num_threads); 1 is steadiest on a busy '
                              'machine')
-    parser.add_argument('--no-channels-last', action='store_true', help='time in NCHW instead of channels_last')
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                        help='time in channels_last (the default; --no-channels-last: NCHW)')
     parser.add_argument('--format', choices=FORMATS, default='md', help='output table format (default md)')
     parser.add_argument('--plot', default=None, help='also save a plot (.png or .svg): latency (or width) '
                                                      'against MACs')
@@ -33,24 +39,44 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_input_size(text: str) -> Tuple[int, int, int]:
-    """``3,224,224`` (or a single ``224`` for 3 channels, square) into (C, H, W)."""
+def parse_input_size(values: Union[str, Sequence[str]], channels: int = 3) -> Tuple[int, int, int]:
+    """``3 224 224`` (timm's spelling, one value per item), ``3,224,224``, or a single ``224``
+    (``channels`` channels, square) into (C, H, W)."""
+    tokens = [values] if isinstance(values, str) else list(values)
     try:
-        values = tuple(int(v) for v in text.split(','))
+        size = tuple(int(v) for token in tokens for v in token.split(','))
     except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = (3, values[0], values[0])
-    if len(values) != 3 or min(values) < 1:
-        raise CliError(f'malformed --input-size {text!r}: give C,H,W as positive integers, e.g. 3,224,224')
-    return values
+        size = ()
+    if len(size) == 1:
+        size = (channels, size[0], size[0])
+    if len(size) != 3 or min(size) < 1:
+        raise CliError(f'malformed --input-size {" ".join(tokens)!r}: give C H W as positive integers, e.g. '
+                       f'3 224 224 (or 3,224,224)')
+    return size
+
+
+def _input_size(args: argparse.Namespace, channels: int) -> Tuple[int, int, int]:
+    """--input-size, or --img-size (timm's scripts take both; they must agree), default 3 224 224."""
+    size = None if args.input_size is None else parse_input_size(args.input_size, channels)
+    if args.img_size is not None:
+        if args.img_size < 1:
+            raise CliError(f'--img-size must be a positive integer, got {args.img_size}')
+        if size is not None and size[1:] != (args.img_size, args.img_size):
+            raise CliError(f'--img-size {args.img_size} and --input-size {" ".join(args.input_size)} disagree: '
+                           f'give one of them')
+        size = size or (channels, args.img_size, args.img_size)
+    return size or (channels, 224, 224)
 
 
 def run(args: argparse.Namespace) -> int:
     import timm_slim
     from timm_slim.profile import plot_widths
 
-    size = parse_input_size(args.input_size)
+    if args.model is None and args.model_flag is None and args.input_size and \
+            not re.fullmatch(r'[\d,]+', args.input_size[-1]):
+        args.model = args.input_size.pop()  # `--input-size 3 224 224 MODEL`: the values end where MODEL starts
+    spec = model_argument(args)
+    _input_size(args, 3)  # malformed sizes fail before the model is built (its channels come below)
     widths = None if args.widths is None else parse_widths(args.widths)
     if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in ('.png', '.svg'):
         raise CliError(f'--plot {args.plot!r} must end in .png or .svg')
@@ -62,17 +88,18 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, num_classes=args.num_classes)
+    model = load_model(spec, num_classes=args.num_classes)
+    size = _input_size(args, model.slim.in_chans if hasattr(model, 'slim') else _in_chans(model))
     file_width = None
     if not hasattr(model, 'slim'):
         # one exported width: its header names it, and it is the only width there is
-        file_width = timm_slim.read_header(args.model)['width']
+        file_width = timm_slim.read_header(spec)['width']
         file_width = tuple(file_width) if isinstance(file_width, list) else file_width
         if widths is not None and widths != [file_width]:
-            raise CliError(f'{args.model} holds only width {file_width}; drop --widths or pass --widths {file_width}')
+            raise CliError(f'{spec} holds only width {file_width}; drop --widths or pass --widths {file_width}')
         widths = None
     rows = timm_slim.profile(model, widths=widths, input_size=size, latency=args.latency, batch_size=args.batch_size,
-                             device=args.device, channels_last=not args.no_channels_last, progress=True)
+                             device=args.device, channels_last=args.channels_last, progress=True)
     if file_width is not None:
         rows[0].width = file_width
     print({'md': rows.to_markdown, 'csv': rows.to_csv, 'json': rows.to_json}[args.format](), end='')
@@ -81,3 +108,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_widths(rows, metric='macs', path=args.plot, title=rows.model)
     return 0
+
+
+def _in_chans(model) -> int:
+    """Input channels of a plain model: its first convolution's."""
+    import torch.nn as nn
+
+    return next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))

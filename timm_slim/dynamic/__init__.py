@@ -12,12 +12,22 @@ from .gates import DEFAULT_CHOICES, Gate, add_gates, gate_parameters
 from .losses import SGS_VARIANTS, choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from .report import DynamicResult, evaluate_dynamic
 from .routing import calibrate_routes, enable_dynamic, masked_forward, straight_through
-from .state import DYNAMIC, Decisions, DynamicState
-from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone, gate_training_mode
+from .state import DYNAMIC, GATE_ARGS, Decisions, DynamicState
+from .train import (
+    GateTrainer,
+    IEBCriterion,
+    IEBLoader,
+    IEBSampler,
+    fit_target,
+    freeze_backbone,
+    freeze_gates,
+    gate_training_mode,
+)
 
 __all__ = [
     'DEFAULT_CHOICES',
     'DYNAMIC',
+    'GATE_ARGS',
     'SGS_VARIANTS',
     'Decisions',
     'DynamicResult',
@@ -36,6 +46,7 @@ __all__ = [
     'evaluate_dynamic',
     'fit_target',
     'freeze_backbone',
+    'freeze_gates',
     'gate_parameters',
     'gate_training_mode',
     'masked_forward',

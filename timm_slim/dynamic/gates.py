@@ -34,7 +34,7 @@ from .state import DynamicState
 DEFAULT_CHOICES = (0.25, 0.5, 0.75, 1.0)
 
 # Attributes added to the supernet by add_gates; ``export`` leaves them out of a plain model.
-EXTRAS = ('gates', 'ds', 'forward')
+EXTRAS = ('gates', 'ds', 'forward', 'forward_features')
 
 
 class Gate(nn.Module):
@@ -160,7 +160,9 @@ def add_gates(
 
     Returns:
         The same model. ``set_width(model, 'dynamic')`` makes it choose a route per input;
-        ``set_width(model, w)`` still runs the static width ``w``.
+        ``set_width(model, w)`` still runs the static width ``w``. The gates' decision heads
+        (``gate_parameters``) start frozen (``requires_grad=False``): a static width does not use
+        them; ``gate_training_mode`` and ``freeze_backbone`` make them trainable for Stage II.
     """
     net = unwrap(model)
     if hasattr(net, 'ds'):
@@ -194,6 +196,11 @@ def add_gates(
             layer._cache.capacity = ds.num_choices ** 2
     install_forward(net)
     net.slim.extras = EXTRAS
+    for parameter in gate_parameters(net):
+        # A static width never runs the decision heads: frozen until Stage II (gate_training_mode,
+        # freeze_backbone), so that every trainable parameter gets a gradient and DDP needs no
+        # find_unused_parameters.
+        parameter.requires_grad_(False)
     if se:
         net.slim.export_blocker = ('its double-headed DS-Net gates (se=True) scale stage inputs with SE heads, '
                                    'which a plain timm model does not have')

@@ -51,7 +51,7 @@ from .gates import DEFAULT_CHOICES, add_gates
 from .losses import SGS_VARIANTS
 from .report import evaluate_dynamic
 from .routing import calibrate_routes
-from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone
+from .train import GateTrainer, IEBCriterion, IEBLoader, IEBSampler, fit_target, freeze_backbone, freeze_gates
 
 __all__ = ['build_dsnet_parser', 'main', 'parse_args', 'run']
 
@@ -194,8 +194,7 @@ def _stage2(args, accelerator, net, costs, target, val_loader, data, say) -> Dic
         say(f'  gates epoch {epoch}: loss {mean["loss"]:.3f} (task {mean["task"]:.3f}, sgs {mean["sgs"]:.3f}, '
             f'complexity {mean["complexity"]:.4f}), train MACs {mean["macs"] / 1e6:.2f}M; val top-1 '
             f'{result.top1:.2f}%, MACs {result.mean_macs / 1e6:.2f}M ({100 * result.macs_fraction:.1f}%)')
-    for parameter in net.parameters():
-        parameter.requires_grad_(True)
+    freeze_gates(net)  # back to the static-width state: the backbone trains, the decision heads do not
     if args.fit_target:
         fitted = fit_target(net, data.calib, costs, target, num_images=args.route_calib_images)
         result = evaluate_dynamic(model, val_loader, costs, accelerator)
@@ -229,12 +228,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     targets = [parse_target_macs(t, route_costs(net, data.input_size)) for t in args.target_macs]
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    for parameter in net.gates.parameters():
-        parameter.requires_grad_(False)  # Stage I trains the backbone; the gates wait for Stage II
-    if args.se:
-        for gate in net.gates.values():
-            for parameter in (*gate.fc1.parameters(), *gate.se.parameters()):
-                parameter.requires_grad_(True)  # the SE heads are part of the backbone
+    freeze_gates(net)  # Stage I trains the backbone (SE heads included); the decision heads wait for Stage II
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, param_group_fn=lambda m: param_groups(m, args.weight_decay))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, data.train, data.val)

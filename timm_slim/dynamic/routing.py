@@ -37,6 +37,7 @@ import torch.nn as nn
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from ..state import slim_layers
+from ..width import format_width
 from .state import DYNAMIC, Decisions, DynamicState
 
 # What ``set_width`` configures on each slim layer (see timm_slim.control.set_width).
@@ -57,24 +58,25 @@ def _efficientnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.bn1(m.conv_stem(x))
 
 
-def _efficientnet_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(m.bn2(m.conv_head(x)))
+def _efficientnet_finish(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.bn2(m.conv_head(x))
 
 
-def _head_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.forward_head(x)
+def _no_finish(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _family(net: nn.Module) -> Tuple[Callable, Callable]:
-    """(stem, tail) of ``forward`` around the stages: forward = tail(stages(stem(x)))."""
+    """(stem, finish) of ``forward_features`` around the stages: forward_features =
+    finish(stages(stem(x))), and forward = forward_head(forward_features(x))."""
     from timm.models.efficientnet import EfficientNet
     from timm.models.resnet import ResNet
 
     if isinstance(net, ResNet):
-        return _resnet_stem, _head_tail
+        return _resnet_stem, _no_finish
     if isinstance(net, EfficientNet):
-        return _efficientnet_stem, _efficientnet_tail
-    return _efficientnet_stem, _head_tail  # MobileNetV3
+        return _efficientnet_stem, _efficientnet_finish
+    return _efficientnet_stem, _no_finish  # MobileNetV3
 
 
 class _Runner:
@@ -82,9 +84,13 @@ class _Runner:
 
     def __init__(self, net: nn.Module) -> None:
         self.net = net
-        self.stem, self.tail = _family(net)
+        self.stem, self.finish = _family(net)
         self.stages = [net.get_submodule(name) for name in net.slim.stages]
         self.gates = {int(stage): gate for stage, gate in net.gates.items()}
+
+    def tail(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` runs after the last stage."""
+        return net.forward_head(self.finish(net, x))
 
 
 def _runner(net: nn.Module) -> _Runner:
@@ -95,8 +101,8 @@ def _runner(net: nn.Module) -> _Runner:
     return runner
 
 
-def _static_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The supernet at its static width, with the SE heads of double-headed gates applied."""
+def _se_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``forward_features`` at the static width, with the SE heads of double-headed gates applied."""
     run = _runner(net)
     x = run.stem(net, x)
     for index, stage in enumerate(run.stages):
@@ -104,7 +110,7 @@ def _static_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if gate is not None:
             x = gate(x, decide=False)[1]
         x = stage(x)
-    return run.tail(net, x)
+    return run.finish(net, x)
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -112,14 +118,41 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.gates.training:
             return _masked_forward(self, x, noise=self.ds.noise)
         return _grouped_forward(self, x)
+    return type(self).forward(self, x)  # timm's forward, which calls _forward_features below
+
+
+def _forward_features(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if self.slim.width == DYNAMIC:
+        raise _no_dynamic_features(self, x)
     if self.ds.se:
-        return _static_forward(self, x)
-    return type(self).forward(self, x)
+        return _se_features(self, x)
+    return type(self).forward_features(self, x)
+
+
+def _no_dynamic_features(net: nn.Module, x: object) -> Exception:
+    """Why the features of dynamic mode are no one tensor (and no graph), and what to do instead."""
+    from torch.fx import Proxy
+    from torch.fx.proxy import TraceError
+
+    width = format_width(net.ds.choices[0])
+    instead = (f'a static width (timm_slim.set_width(model, {width}), or one route: '
+               f'timm_slim.set_width(model, model.ds.route_width(route)))')
+    if isinstance(x, Proxy):  # torch.fx.symbolic_trace runs timm's forward, which lands here
+        return TraceError(
+            f"torch.fx cannot trace a {net.slim.architecture} supernet with DS-Net gates in 'dynamic' mode: the gates "
+            f'choose every input\'s route from its data and the batch is split by route, which no static graph can '
+            f'hold. Trace {instead}, or the plain timm model of a width: timm_slim.export(model, {width})')
+    return ValueError(
+        f"forward_features has no single result in 'dynamic' mode: the gates send the inputs through routes of "
+        f'different widths, so their features differ in channels. Call model(x) for the dynamic outputs, or use '
+        f'forward_features at {instead}')
 
 
 def install_forward(net: nn.Module) -> None:
-    """Route ``net(x)`` through the gates in dynamic mode (an instance attribute, dropped by export)."""
+    """Route ``net(x)`` through the gates in dynamic mode, and keep ``net.forward_features`` true to
+    the gates (instance attributes, dropped by export)."""
     net.forward = types.MethodType(_forward, net)
+    net.forward_features = types.MethodType(_forward_features, net)
 
 
 def enable_dynamic(model: nn.Module) -> str:

@@ -19,6 +19,10 @@ from ..width import format_width
 # The width mode name: ``set_width(model, DYNAMIC)`` lets the gates choose per input.
 DYNAMIC = 'dynamic'
 
+# The arguments of ``add_gates`` that rebuild a supernet's gates (``DynamicState.config``); a
+# ``*_ds`` name takes them too, and a Hub repo of a DS-Net records them.
+GATE_ARGS = ('choices', 'at', 'fixed', 'se', 'tau', 'reduction')
+
 
 @dataclass
 class Decisions:

@@ -159,12 +159,32 @@ def freeze_backbone(model: nn.Module) -> List[nn.Parameter]:
     return trainable
 
 
+def freeze_gates(model: nn.Module) -> List[nn.Parameter]:
+    """Stop gradients in the gates' decision heads and let everything else train; return the
+    trainable parameters.
+
+    The state of Stage I and of any training at static widths (what ``add_gates`` starts with):
+    a static forward never runs the decision heads, so with them frozen every trainable
+    parameter gets a gradient and DDP needs no ``find_unused_parameters``. The inverse of
+    :func:`freeze_backbone`.
+    """
+    net = unwrap(model)
+    frozen = {id(p) for p in gate_parameters(net)}
+    for parameter in net.parameters():
+        parameter.requires_grad_(id(parameter) not in frozen)
+    return [p for p in net.parameters() if p.requires_grad]
+
+
 def gate_training_mode(model: nn.Module) -> None:
     """Backbone in eval mode (BatchNorm uses route statistics), gates in train mode (Gumbel
-    noise, masked routing), dynamic width."""
+    noise, masked routing), dynamic width; the gates' decision heads take gradients again (they
+    are frozen at static widths, see :func:`freeze_gates`). The backbone's parameters are left as
+    they are: :func:`freeze_backbone` freezes them for Stage II."""
     net = unwrap(model)
     net.eval()
     net.gates.train()
+    for parameter in gate_parameters(net):
+        parameter.requires_grad_(True)
     set_width(net, 'dynamic')
 
 

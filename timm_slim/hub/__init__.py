@@ -19,6 +19,10 @@ are fetched, and nothing but safetensors is ever loaded. Every downloaded file i
 it is loaded: its safetensors header must account for its size, and its sha256 must equal the
 LFS oid huggingface_hub stored it under (its ETag) and the digest in ``config.json``.
 
+A supernet with DS-Net gates publishes as a ``<base>_ds`` repo: ``model.safetensors`` holds the
+gates and every route's BatchNorm statistics, ``config.json`` (``slim.gates``, ``slim.routes``) the
+gates' arguments, and ``width='dynamic'`` loads it routing per input.
+
 ``push_to_hub(model, repo, width=0.5)`` publishes one width as a repo of its own. When timm has a
 native model with exactly those tensors and that computation (``mobilenetv2_050`` for
 ``mobilenetv2_100`` at 0.5), its ``config.json`` names that architecture and plain timm loads it.

@@ -46,10 +46,11 @@ def model_card(config: Dict[str, Any], repo_id: str, plot: Optional[str]) -> str
     method = (f'US-Net, universal BatchNorm, any width in [{format_width(space.low)}, {format_width(space.high)}]'
               if universal else f'S-Net, switchable BatchNorm, widths {", ".join(map(format_width, space.choices))}')
     dataset = slim.get('dataset')
+    gates = slim.get('gates')
     metadata = ModelCardData(library_name='timm', license=config['pretrained_cfg']['license'],
                              pipeline_tag='image-classification', datasets=[dataset] if dataset else None,
                              tags=['image-classification', 'timm', 'timm_slim', 'slimmable',
-                                   'us-net' if universal else 's-net'])
+                                   'us-net' if universal else 's-net', *(['ds-net', 'dynamic'] if gates else [])])
     has_accuracy = any('accuracy' in e for e in entries)
     columns = ['width', 'MACs', 'params'] + (['top-1 (%)'] if has_accuracy else []) + ['file', 'plain timm name']
     table = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
@@ -68,6 +69,12 @@ def model_card(config: Dict[str, Any], repo_id: str, plot: Optional[str]) -> str
         lines += [f'A slimmable `{base}` ({method}), made with timm_slim: one set of weights that runs at many '
                   f'widths. `{SUPERNET_FILE}` is the supernet; every width below is also a plain timm model in '
                   f'`{WIDTHS_DIR}/`, downloaded alone when asked for.', '']
+    if gates:
+        lines += [f'The supernet has DS-Net gates (Dynamic Slimmable Network): gates before stages '
+                  f'{", ".join(map(str, gates["at"]))} (of `model.slim.stages`) choose a width per input among '
+                  f'{", ".join(format_width(c) for c in gates["choices"])} (the stages before them run at '
+                  f'{format_width(gates["fixed"])}); {slim["routes"]["count"]} routes, each with its BatchNorm '
+                  f'statistics in `{SUPERNET_FILE}`. Dynamic inference really runs the chosen widths.', '']
     size = 'x'.join(str(s) for s in slim['input_size'])
     lines += ['## Widths', '', *table, '',
               f'MACs: fvcore multiply-accumulates of the convolutions and linear layers at input {size}, batch 1.'
@@ -86,6 +93,8 @@ def model_card(config: Dict[str, Any], repo_id: str, plot: Optional[str]) -> str
               f'# the supernet ({SUPERNET_FILE}): every width, switched at run time',
               f"supernet = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
               f'timm_slim.set_width(supernet, {w})', '',
+              *(["timm_slim.set_width(supernet, 'dynamic')  # the gates choose each input's width", '']
+                if gates else []),
               f"model = timm_slim.load_from_hub('{repo_id}', width={w})  # the same as a function", '```', '']
     if universal:
         lines += ['A width of the range that is not in the table needs BatchNorm statistics first: '

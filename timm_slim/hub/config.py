@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
+from ..convert import slimmify
+from ..dynamic import GATE_ARGS, add_gates
 from ..layers import BN_KINDS
-from ..names import SLIM_MODELS
+from ..names import DS_MODELS, SLIM_MODELS
 from ..width import Width, WidthSpace, format_width, width_key
 
 CONFIG_FILE = 'config.json'
@@ -29,6 +31,12 @@ MACS_PLOT = 'macs_per_width.png'
 CONFIG_VERSION = 1
 SHA256_RE = re.compile(r'[0-9a-f]{64}')
 _TOLERANCE = 1e-6
+# What a ``slim`` section, a width entry, the supernet record and the routes record may hold.
+_SLIM_KEYS = frozenset({'version', 'kind', 'base_architecture', 'bn', 'space', 'input_size', 'dataset', 'supernet',
+                        'widths', 'gates', 'routes'})
+_ENTRY_KEYS = frozenset({'width', 'file', 'sha256', 'size', 'macs', 'params', 'timm_architecture', 'accuracy'})
+_RECORD_KEYS = frozenset({'file', 'sha256', 'size'})
+_ROUTES_KEYS = frozenset({'count', 'calibrated'})
 
 
 def width_filename(width: Width) -> str:
@@ -66,6 +74,7 @@ class RepoConfig:
     space: WidthSpace
     supernet: Optional[FileRecord]
     widths: Tuple[FileRecord, ...]
+    gates: Optional[Dict[str, Any]] = None   # a DS-Net repo: the add_gates arguments of its supernet
 
     def select(self, width: Optional[Width], label: str) -> FileRecord:
         """The file of ``width`` (None: the supernet, or the only width of a single-width repo)."""
@@ -124,19 +133,25 @@ def parse_config(raw: Any, label: str) -> RepoConfig:
         raise bad('is not a JSON object')
     architecture, slim = raw.get('architecture'), raw.get('slim')
     if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise bad(f'names an unknown architecture {architecture!r}; expected a registered *_slim name '
-                  f'(timm_slim.SLIM_MODELS) or a timm model name')
+        raise bad(f'names an unknown architecture {architecture!r}; expected a registered *_slim or *_ds name '
+                  f'(timm_slim.SLIM_MODELS, timm_slim.DS_MODELS) or a timm model name')
     if not isinstance(slim, dict):
         raise bad(f'has no "slim" section, so it is not a timm_slim repo; load it with '
                   f'timm.create_model("hf-hub:...") ({architecture})')
     if slim.get('version') != CONFIG_VERSION:
         raise bad(f'has slim.version {slim.get("version")!r}; this timm_slim reads version {CONFIG_VERSION}')
+    _known_keys(slim, _SLIM_KEYS, 'slim', bad)
     kind, base, bn = slim.get('kind'), slim.get('base_architecture'), slim.get('bn')
     if kind not in ('supernet', 'width'):
         raise bad(f'has slim.kind {kind!r}; expected "supernet" or "width"')
-    if architecture in SLIM_MODELS:
-        if base != SLIM_MODELS[architecture]:
-            raise bad(f'names {architecture} (base {SLIM_MODELS[architecture]}) but slim.base_architecture {base!r}')
+    gated = architecture in DS_MODELS
+    if gated != ('gates' in slim) or gated != ('routes' in slim) or (gated and kind != 'supernet'):
+        raise bad(f'names {architecture} with slim.kind {kind!r} and {"" if "gates" in slim else "no "}slim.gates: '
+                  f'a *_ds architecture is exactly a supernet repo with slim.gates and slim.routes (DS-Net gates)')
+    names = {**SLIM_MODELS, **DS_MODELS}
+    if architecture in names:
+        if base != names[architecture]:
+            raise bad(f'names {architecture} (base {names[architecture]}) but slim.base_architecture {base!r}')
     elif kind != 'width' or not isinstance(base, str) or f'{base}_slim' not in SLIM_MODELS:
         raise bad(f'names the plain timm architecture {architecture}, which only a single-width repo of a '
                   f'registered base may do (slim.kind {kind!r}, slim.base_architecture {base!r})')
@@ -166,6 +181,7 @@ def parse_config(raw: Any, label: str) -> RepoConfig:
     for entry in entries:
         if not isinstance(entry, dict):
             raise bad(f'has a malformed slim.widths entry {entry!r}')
+        _known_keys(entry, _ENTRY_KEYS, 'a slim.widths entry', bad)
         try:
             w = as_width(entry.get('width'))
             space.check(w, len(w) if isinstance(w, tuple) else 1)
@@ -182,9 +198,51 @@ def parse_config(raw: Any, label: str) -> RepoConfig:
         record = slim.get('supernet')
         if not isinstance(record, dict) or record.get('file') != SUPERNET_FILE:
             raise bad(f'has no slim.supernet record for {SUPERNET_FILE}')
+        _known_keys(record, _RECORD_KEYS, 'slim.supernet', bad)
         supernet = FileRecord(None, SUPERNET_FILE, *_digest_of(record, bad))
+    gates = _gates(slim, model_args, base, num_classes, bn, space, bad) if gated else None
     return RepoConfig(architecture, base, kind, num_classes, model_args, pretrained_cfg, bn, space, supernet,
-                       tuple(files))
+                      tuple(files), gates)
+
+
+def _known_keys(section: Dict[str, Any], allowed: frozenset, where: str, bad) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise bad(f'has unknown key(s) {", ".join(map(repr, unknown))} in {where}; allowed: '
+                  f'{", ".join(sorted(allowed))}')
+
+
+def _gates(slim: Dict[str, Any], model_args: Dict[str, Any], base: str, num_classes: int, bn: str, space: WidthSpace,
+           bad) -> Dict[str, Any]:
+    """slim.gates and slim.routes of a DS-Net repo, checked by building its gates on the meta device
+    (no weights), so that every value ``add_gates`` would refuse is refused before a download."""
+    import timm
+    import torch
+
+    gates, routes = slim.get('gates'), slim.get('routes')
+    if not isinstance(gates, dict) or set(gates) != set(GATE_ARGS):
+        raise bad(f'has slim.gates {gates!r}; expected exactly the add_gates arguments {", ".join(GATE_ARGS)}')
+    if not isinstance(gates['se'], bool):
+        raise bad(f'has slim.gates.se {gates["se"]!r}; expected true or false')
+    mismatched = [k for k in GATE_ARGS if k not in model_args or model_args[k] != gates[k]]
+    if mismatched:
+        says = ', '.join(f'{k}={model_args.get(k)!r}' for k in mismatched)
+        raise bad(f'has mismatched gates: model_args say {says}, slim.gates says '
+                  f'{", ".join(f"{k}={gates[k]!r}" for k in mismatched)}')
+    plain = {k: v for k, v in model_args.items() if k not in (*GATE_ARGS, 'widths', 'width_range', 'bn')}
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(base, **{**plain, 'num_classes': num_classes, 'pretrained': False})
+        ds = add_gates(slimmify(model, bn=bn, **space.to_dict()), **gates).ds
+    except (ValueError, TypeError) as error:
+        raise bad(f'has slim.gates that {base} cannot take: {error}') from None
+    if not isinstance(routes, dict):
+        raise bad(f'has slim.routes {routes!r}; expected {{"count": ..., "calibrated": ...}}')
+    _known_keys(routes, _ROUTES_KEYS, 'slim.routes', bad)
+    if routes.get('count') != ds.num_routes or routes.get('calibrated') != ds.num_routes:
+        raise bad(f'has slim.routes {routes!r}; its gates have {ds.num_routes} routes, all of which a repo holds '
+                  f'BatchNorm statistics for')
+    return dict(gates)
 
 
 def _space(value: Any, bad, where: str) -> WidthSpace:

@@ -13,8 +13,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..control import set_width
+from ..dynamic import DYNAMIC
 from ..export import load, read_header
-from ..width import Width, WidthSpace
+from ..width import Width, WidthSpace, format_width
 from .config import CONFIG_FILE, SHA256_RE, FileRecord, RepoConfig, jsonable, match_width, parse_config, sha256_of
 from .errors import CorruptFileError, hub_errors
 
@@ -159,22 +161,35 @@ def _check_header(files: _Files, path: str, config: RepoConfig, record: FileReco
             space = WidthSpace.from_args(widths=header.get('widths'), width_range=header.get('width_range'))
         except ValueError:
             space = None
-        says = (header.get('kind'), header.get('bn'), space)
-        expected = ('supernet', config.bn, config.space)
+        says = (header.get('kind'), header.get('bn'), space, header.get('gates'))
+        expected = ('supernet', config.bn, config.space, config.gates)
     else:
         says = (header.get('kind'), match_width(header.get('width'), [record.width]))
         expected = ('width', record.width)
     if says != expected or header.get('architecture') != config.base or header.get('num_classes') != \
             config.num_classes:
+        gates = f', gates {header.get("gates")}' if header.get('gates') or config.gates else ''
+        listed = f', gates {config.gates}' if gates else ''
         raise ValueError(f'{files.label}: {record.path} holds {header.get("architecture")} '
-                         f'{header.get("kind")} {header.get("width", "")} with {header.get("num_classes")} classes, '
-                         f'not what config.json lists ({config.base}, {record.width or "supernet"}, '
-                         f'{config.num_classes} classes): mismatched widths or architecture')
+                         f'{header.get("kind")} {header.get("width", "")} with {header.get("num_classes")} classes'
+                         f'{gates}, not what config.json lists ({config.base}, {record.width or "supernet"}, '
+                         f'{config.num_classes} classes{listed}): mismatched widths, gates or architecture')
 
 
-def _fetch(files: _Files, config: RepoConfig, width: Optional[Width]) -> Tuple[FileRecord, str]:
+def _file_width(files: _Files, config: RepoConfig, width: Union[Width, str, None]) -> Optional[Width]:
+    """The published width whose file ``width`` asks for: ``'dynamic'`` is the supernet of a DS-Net repo."""
+    if width != DYNAMIC:
+        return width
+    if config.gates is None:
+        held = ', '.join(format_width(f.width) for f in config.widths)
+        raise ValueError(f"{files.label} holds no DS-Net gates, so it has no width 'dynamic' (a {config.architecture} "
+                         f'repo); it holds widths [{held}]')
+    return None
+
+
+def _fetch(files: _Files, config: RepoConfig, width: Union[Width, str, None]) -> Tuple[FileRecord, str]:
     """Download (only) the file of ``width`` and check it before anything loads it."""
-    record = config.select(width, files.label)
+    record = config.select(_file_width(files, config, width), files.label)
     path = files.fetch(record.path)
     _verify(files, path, record)
     _check_header(files, path, config, record)
@@ -189,18 +204,21 @@ def _load(files: _Files, config: RepoConfig, width: Optional[Width], device: Uni
     model = load(path, device=device)
     cfg = PretrainedCfg(**{**config.pretrained_cfg, **files.source_cfg(), **(overlay or {})}).to_dict()
     model.pretrained_cfg = model.default_cfg = cfg
+    if width == DYNAMIC:
+        set_width(model, DYNAMIC)
     return model
 
 
 def download_from_hub(
         repo_id: str,
-        width: Optional[Width] = None,
+        width: Union[Width, str, None] = None,
         revision: Optional[str] = None,
         *,
         token: Optional[str] = None,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> str:
-    """Download and check the file of one width (None: the supernet); return its path in the cache.
+    """Download and check the file of one width (None, or ``'dynamic'`` in a DS-Net repo: the
+    supernet); return its path in the cache.
 
     The file is a timm_slim safetensors file: ``timm_slim.load(path)`` builds its model. Arguments
     as for :func:`load_from_hub`.
@@ -211,7 +229,7 @@ def download_from_hub(
 
 def load_from_hub(
         repo_id: str,
-        width: Optional[Width] = None,
+        width: Union[Width, str, None] = None,
         revision: Optional[str] = None,
         *,
         token: Optional[str] = None,
@@ -227,7 +245,8 @@ def load_from_hub(
 
     Args:
         repo_id: ``org/name`` (``org/name@revision`` works too).
-        width: a published width; None: the supernet (a single-width repo: its width).
+        width: a published width; None: the supernet (a single-width repo: its width); ``'dynamic'``
+            (a DS-Net repo): the supernet with its gates, in dynamic mode.
         revision: a branch or commit; default ``main``.
         token: for private repos; default: huggingface_hub's.
         cache_dir: huggingface_hub cache; default: its own.
@@ -245,13 +264,16 @@ def _hub_files(repo_id: str, revision: Optional[str], token: Optional[str],
     return _HubFiles(name, revision or at or None, token, cache_dir)
 
 
-def create_from_repo(slim_name: str, width: Optional[Width] = None, widths: Any = None, width_range: Any = None,
-                     bn: Optional[str] = None, **kwargs: Any) -> nn.Module:
+def create_from_repo(slim_name: str, width: Union[Width, str, None] = None, widths: Any = None,
+                     width_range: Any = None, bn: Optional[str] = None, gates: Optional[Mapping[str, Any]] = None,
+                     **kwargs: Any) -> nn.Module:
     """``timm.create_model('hf-hub:<repo>' | 'local-dir:<folder>', pretrained=True, width=...)`` for a
-    timm_slim repo: timm has read config.json and calls the ``*_slim`` entrypoint, which lands here.
+    timm_slim repo: timm has read config.json and calls the ``*_slim`` (or ``*_ds``) entrypoint,
+    which lands here.
 
-    Only the requested width's file is fetched. The repo's width space, BN kind and model
-    arguments describe its weights, so arguments that would change them are refused.
+    Only the requested width's file is fetched. The repo's width space, BN kind, DS-Net gates
+    (``gates``: the ``add_gates`` arguments given) and model arguments describe its weights, so
+    arguments that would change them are refused.
     """
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
@@ -273,6 +295,10 @@ def create_from_repo(slim_name: str, width: Optional[Width] = None, widths: Any 
                              f'its weights cannot be loaded with {given}')
     elif given:
         raise ValueError(f'{files.label} holds one plain width; {", ".join(given)} do not apply to it')
+    other = {k: v for k, v in (gates or {}).items() if jsonable(v) != (config.gates or {}).get(k)}
+    if other:
+        raise ValueError(f'{files.label} holds a DS-Net whose gates are {config.gates}; its weights cannot be loaded '
+                         f'with {other}')
     changed = [k for k, v in kwargs.items()
                if not (k == 'num_classes' and v == config.num_classes)
                and not (k in config.model_args and jsonable(v) == config.model_args[k])]

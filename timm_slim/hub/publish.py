@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from ..control import calibrate_bn, calibrated_widths, unwrap
+from ..dynamic import calibrate_routes
 from ..export import export, model_args, read_header, save_supernet, save_width
 from ..layers import UNIVERSAL
-from ..names import SLIM_MODELS
+from ..names import DS_MODELS, DS_SUFFIX, SLIM_MODELS, SLIM_SUFFIX
 from ..profile import profile
 from ..width import Width, format_width, width_key
 from .card import card_plot, model_card
@@ -98,10 +99,15 @@ def _write(net: nn.Module, plan: _Plan, out: Path, repo_id: Optional[str]) -> Di
     if plan.single:
         architecture = entries[0]['timm_architecture'] or f'{state.architecture}_slim'
     else:
-        architecture = f'{state.architecture}_slim'
+        architecture = f'{state.architecture}{DS_SUFFIX if plan.gated else SLIM_SUFFIX}'
         model_args = {**model_args, **state.space.to_dict(), 'bn': state.bn}
+    if plan.gated:  # the *_ds entrypoint rebuilds the gates from model_args; every route has statistics
+        slim['gates'] = net.ds.config()
+        slim['routes'] = {'count': net.ds.num_routes, 'calibrated': net.ds.num_routes}
+        model_args.update(net.ds.config())
     pretrained_cfg = {**plan.data_cfg, 'num_classes': net.num_classes, 'license': plan.license,
-                      'architecture': state.architecture if architecture.endswith('_slim') else architecture}
+                      'architecture': state.architecture if architecture.endswith((SLIM_SUFFIX, DS_SUFFIX))
+                      else architecture}
     if repo_id:
         pretrained_cfg['hf_hub_id'] = repo_id
     config = jsonable({'architecture': architecture, 'num_classes': net.num_classes, 'model_args': model_args,
@@ -137,12 +143,18 @@ def push_to_hub(
     that are not published again are deleted in the same commit. If the upload fails, the repo
     stays at its previous commit: nothing is ever half-published.
 
+    A supernet with DS-Net gates publishes as a ``<base>_ds`` repo: ``model.safetensors`` holds the
+    gates and every route's BatchNorm statistics, ``config.json`` the gates' arguments, and
+    ``width='dynamic'`` (or ``set_width(model, 'dynamic')`` after loading) routes per input; its
+    static widths publish as plain timm models as for any supernet.
+
     Args:
         model: a supernet (or a DDP/accelerate wrapper of one).
         repo_id: ``org/name``; created (``private``) if it does not exist.
         widths: widths to publish; default: an S-Net's list; a US-Net's calibrated widths plus its
             largest (or, with none calibrated, its ends and the quarter steps inside its range).
-        calib_loader: US-Net only: images that calibrate BatchNorm for widths without statistics.
+        calib_loader: US-Net only: images that calibrate BatchNorm for widths without statistics
+            (and, for a DS-Net, every route, with ``calibrate_routes``, when any route has none).
             Without it such widths are refused, never published with wrong statistics.
         accuracy: top-1 accuracy (%) per width, ``{0.5: 91.2, ...}``, for the card and config.json.
         private: create the repo private.
@@ -191,6 +203,7 @@ class _Plan:
 
     widths: List[Width]
     single: bool
+    gated: bool     # a DS-Net supernet repo: the gates, their choices and every route's statistics
     accuracy: Dict[str, float]
     input_size: Tuple[int, int, int]
     data_cfg: Dict[str, Any]
@@ -205,9 +218,11 @@ class _Plan:
             raise ValueError(f'cannot publish a supernet of architecture {state.architecture!r}: config.json must '
                              f'name a registered timm_slim architecture (timm_slim.SLIM_MODELS); build the model '
                              f'with timm.create_model("<base>_slim") or slimmify a model made by timm.create_model')
-        if state.extras and width is None:
-            raise ValueError(f'this supernet carries DS-Net parts ({", ".join(state.extras)}), which a Hub repo does '
-                             f'not hold yet; publish one static width with width=w, or the supernet without gates')
+        gated = hasattr(net, 'ds') and width is None
+        if gated and (f'{state.architecture}{DS_SUFFIX}' not in DS_MODELS or state.export_blocker):
+            reason = state.export_blocker or f'{state.architecture}{DS_SUFFIX} is not a registered name'
+            raise ValueError(f'cannot publish this DS-Net supernet: {reason}; a repo holds a plain timm model per '
+                             f'published width. Publish one static width with width=w instead')
         if width is not None and widths is not None:
             raise ValueError('pass widths=[...] (a supernet repo) or width=w (a single-width repo), not both')
         if width is not None:
@@ -231,8 +246,10 @@ class _Plan:
         if dataset is not None and (not isinstance(dataset, str) or not dataset):
             raise ValueError(f'dataset must be a data set name, got {dataset!r}')
         if state.bn == UNIVERSAL:  # last: the one step with a side effect (it adds statistics)
+            if gated:
+                _calibrate_routes(net, calib_loader)
             _calibrate_missing(net, chosen, calib_loader)
-        return cls(chosen, width is not None, scores, size, data_cfg, license, dataset)
+        return cls(chosen, width is not None, gated, scores, size, data_cfg, license, dataset)
 
 
 def _calibrate_missing(net: nn.Module, widths: List[Width], calib_loader: Optional[Iterable]) -> None:
@@ -250,11 +267,29 @@ def _calibrate_missing(net: nn.Module, widths: List[Width], calib_loader: Option
     calibrate_bn(net, calib_loader, widths=missing)
 
 
+def _calibrate_routes(net: nn.Module, calib_loader: Optional[Iterable]) -> None:
+    """A DS-Net repo serves dynamic inference, which needs every route's statistics (US-Net BN)."""
+    ds, state = net.ds, net.slim
+    have = set(calibrated_widths(net))
+    missing = [r for r in ds.routes() if state.check(ds.route_width(r)) != 1.0
+               and width_key(state.check(ds.route_width(r))) not in have]
+    if not missing:
+        return
+    if calib_loader is None:
+        raise ValueError(
+            f'this DS-Net has no BatchNorm statistics for {len(missing)} of its {ds.num_routes} routes (e.g. '
+            f'{ds.describe_route(missing[0])}), which dynamic inference needs; pass calib_loader= (training images) '
+            f'to calibrate every route, or run timm_slim.dynamic.calibrate_routes(model, loader) first')
+    calibrate_routes(net, calib_loader)
+
+
 def _default_widths(net: nn.Module) -> List[Width]:
     space = net.slim.space
     if space.is_discrete:
         return list(space.choices)
     calibrated = [_key_width(k) for k in calibrated_widths(net)]
+    if hasattr(net, 'ds'):  # a DS-Net's routes are calibrated too: its default widths are the uniform ones
+        calibrated = [w for w in calibrated if not isinstance(w, tuple)]
     if calibrated:
         return calibrated + [space.high]
     return [space.low, *(w for w in (0.25, 0.5, 0.75) if space.low < w < space.high), space.high]

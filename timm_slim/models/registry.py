@@ -6,8 +6,9 @@ and every other keyword reach it unchanged) and returns ``slimmify`` of it. From
 repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published supernet, or with
 ``width=`` the plain model of that width, downloading only that file (``timm_slim.hub``).
 ``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
-``at``, ``fixed``, ``se``, ``tau``); ``width='dynamic'`` starts it in dynamic mode. The names
-themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
+``at``, ``fixed``, ``se``, ``tau``, ``reduction``); ``width='dynamic'`` starts it in dynamic mode.
+From a DS-Net repo it returns the gated supernet (``width='dynamic'``: routing) or a plain width.
+The names themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 
 from ..control import set_width
 from ..convert import slimmify
-from ..dynamic import add_gates
+from ..dynamic import GATE_ARGS, add_gates
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
@@ -47,13 +48,18 @@ def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optio
         f'arguments of the base model {base_name} ({model_cls.__name__}): {", ".join(model_args)}')
 
 
+def _from_repo(pretrained: bool, kwargs: dict) -> bool:
+    """``'hf-hub:org/repo'`` / ``'local-dir:path'`` of a timm_slim repo: timm read its config.json."""
+    cfg = kwargs.get('pretrained_cfg')
+    return bool(pretrained) and isinstance(cfg, dict) and cfg.get('source') in ('hf-hub', 'local-dir')
+
+
 def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
     def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, **kwargs):
         kwargs.pop('pretrained_model_args', None)
-        cfg = kwargs.get('pretrained_cfg')
-        if pretrained and isinstance(cfg, dict) and cfg.get('source') in ('hf-hub', 'local-dir'):
-            # 'hf-hub:org/repo' / 'local-dir:path' of a timm_slim repo: fetch only the file of `width`
-            # (a plain model of that width) or, without one, the supernet. See timm_slim.hub.
+        if _from_repo(pretrained, kwargs):
+            # fetch only the file of `width` (a plain model of that width) or, without one, the
+            # supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
         try:
             base = timm.create_model(base_name, pretrained=pretrained, **kwargs)
@@ -75,10 +81,15 @@ def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
     slim = _entrypoint(ds_name, base_name)
 
     def create(pretrained: bool = False, width=None, choices=None, at=None, fixed=None, se=None, tau=None,
-               **kwargs):
+               reduction=None, **kwargs):
+        given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau, reduction=reduction)
+        given = {k: v for k, v in given.items() if v is not None}
+        if _from_repo(pretrained, kwargs):
+            # a DS-Net repo: the gated supernet (width='dynamic' starts it routing), or a plain width
+            kwargs.pop('pretrained_model_args', None)
+            return create_from_repo(ds_name, width=width, gates=given, **kwargs)
         model = slim(pretrained=pretrained, **kwargs)
-        given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau)
-        add_gates(model, **{k: v for k, v in given.items() if v is not None})
+        add_gates(model, **given)
         if width is not None:
             set_width(model, width)
         return model
@@ -87,7 +98,7 @@ def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
     create.__qualname__ = ds_name
     create.__module__ = __name__
     create.__doc__ = (f'Slimmable {base_name} with DS-Net gates (see timm_slim.slimmify for the width arguments '
-                      f'and timm_slim.add_gates for choices, at, fixed, se, tau).')
+                      f'and timm_slim.add_gates for {", ".join(GATE_ARGS)}).')
     return create
 
 

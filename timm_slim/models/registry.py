@@ -23,6 +23,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from ..control import set_width
 from ..convert import slimmify
 from ..dynamic import add_gates
+from ..features import gates_refusal
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
@@ -76,6 +77,8 @@ def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
 
     def create(pretrained: bool = False, width=None, choices=None, at=None, fixed=None, se=None, tau=None,
                **kwargs):
+        if kwargs.get('features_only'):
+            raise ValueError(gates_refusal(f'{ds_name} with features_only=True'))
         model = slim(pretrained=pretrained, **kwargs)
         given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau)
         add_gates(model, **{k: v for k, v in given.items() if v is not None})

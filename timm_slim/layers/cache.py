@@ -6,9 +6,11 @@ as soon as the weight changes (an optimizer step or ``load_state_dict`` bumps th
 version counter; ``.to()`` changes its storage) or another width is asked for, so the cache
 never holds more than one width's weights (``capacity`` widths, for a DS-Net's gated stages).
 While autograd records, slices are plain views so gradients reach the shared weight; under
-``torch.fx`` tracing (the weight is a ``Proxy``) they are views too, so the traced graph slices
-the supernet's own parameters. Every size compared here is a plain int on the layer, never a
-tensor's shape, so FX can trace the layers without branching on a traced value.
+``torch.fx`` tracing (the weight is a ``Proxy``) and ``torch.compile``/``torch.export`` they are
+views too, so a captured graph slices the supernet's own parameters (the cache's bookkeeping,
+``data_ptr`` and version counters, would break a compiled graph at every layer). Every size
+compared here is a plain int on the layer, never a tensor's shape, so FX can trace the layers
+without branching on a traced value.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class SliceCache:
         weight, bias = layer.weight, layer.bias
         if out == layer.full_out and inp == layer.full_in:
             return weight, bias
-        if isinstance(weight, Proxy) or (torch.is_grad_enabled() and weight.requires_grad):
+        if isinstance(weight, Proxy) or (torch.is_grad_enabled() and weight.requires_grad) or \
+                torch.compiler.is_compiling():
             return weight[:out, :inp], None if bias is None else bias[:out]
         # A copy made under inference_mode is an inference tensor that autograd may not save,
         # so copies made inside and outside inference_mode are never shared.

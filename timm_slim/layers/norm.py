@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
+from torch.fx import Proxy
 
 UNIVERSAL = 'universal'
 SWITCHABLE = 'switchable'
@@ -150,8 +151,8 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             x = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         elif self.training:
             tracks = self.private_key is not None or self.is_full
-            if self.kind == UNIVERSAL:
-                self.calib.clear()  # weights are about to change: old calibrations go stale
+            if self.kind == UNIVERSAL and not isinstance(x, Proxy):
+                self.calib.clear()  # weights are about to change: old calibrations go stale (not so in FX tracing)
             if tracks:
                 momentum = self._momentum(source)
                 x = F.batch_norm(x, source.running_mean, source.running_var, weight, bias, True, momentum,

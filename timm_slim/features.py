@@ -156,6 +156,24 @@ def feature_channels(model: nn.Module, width: Optional[Width] = None) -> List[in
     return channels
 
 
+def check_out_indices(out_indices: object, num_features: int, name: str) -> None:
+    """Refuse ``out_indices`` that timm would fail on with an IndexError (or silently take none)."""
+    allowed = (f'{name} has {num_features} features: out_indices are indices 0..{num_features - 1} (or '
+               f'{-num_features}..-1 from the end), or an int 1..{num_features} for the last ones')
+    if isinstance(out_indices, bool):
+        raise ValueError(f'out_indices must be ints, got {out_indices!r}; {allowed}')
+    if isinstance(out_indices, int):
+        if not 0 < out_indices <= num_features:
+            raise ValueError(f'out_indices {out_indices!r} is out of range: {allowed}')
+        return
+    indices = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else None
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+        raise ValueError(f'out_indices must be a non-empty tuple of ints or an int, got {out_indices!r}; {allowed}')
+    bad = [i for i in indices if not -num_features <= i < num_features]
+    if bad:
+        raise ValueError(f'out_indices {out_indices!r}: {", ".join(map(str, bad))} out of range; {allowed}')
+
+
 def gates_refusal(what: str) -> str:
     """Why DS-Net gates cannot route a feature model (``what``: the model, in words)."""
     return (f'DS-Net gates cannot route {what}: each input would take its own width, so one batch\'s '

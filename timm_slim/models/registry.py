@@ -5,8 +5,11 @@ builds timm's ``<base>`` (``pretrained=True`` loads its timm weights, ``pretrain
 and every other keyword reach it unchanged) and returns ``slimmify`` of it. From a timm_slim Hub
 repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published supernet, or with
 ``width=`` the plain model of that width, downloading only that file (``timm_slim.hub``).
+``features_only=True`` (with timm's ``out_indices``, ``feature_cls``, ``output_stride``, ...) gives
+the supernet of timm's feature model (:mod:`timm_slim.features`).
 ``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
-``at``, ``fixed``, ``se``, ``tau``); ``width='dynamic'`` starts it in dynamic mode. The names
+``at``, ``fixed``, ``se``, ``tau``); ``width='dynamic'`` starts it in dynamic mode; it has no
+feature model (refused: gates route each input to its own channel counts). The names
 themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
 """
 
@@ -23,7 +26,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from ..control import set_width
 from ..convert import slimmify
 from ..dynamic import add_gates
-from ..features import gates_refusal
+from ..features import check_out_indices, gates_refusal
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
@@ -56,6 +59,10 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
             # 'hf-hub:org/repo' / 'local-dir:path' of a timm_slim repo: fetch only the file of `width`
             # (a plain model of that width) or, without one, the supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
+        if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
+            with torch.device('meta'):
+                num_features = len(timm.create_model(base_name).feature_info)
+            check_out_indices(kwargs['out_indices'], num_features, slim_name)
         try:
             base = timm.create_model(base_name, pretrained=pretrained, **kwargs)
         except TypeError as error:

@@ -113,6 +113,20 @@ def test_torch_compile_compiles_one_graph_per_width_and_never_again():
     assert _graphs_for(_compiled(model), model, [0.25, 0.5, 1.0], rounds=2) == 3
 
 
+def test_torch_compile_at_inference_has_no_graph_break():
+    """Without autograd the eager layers use their slice cache; compiled, they slice (one graph)."""
+    model = timm.create_model('resnet18_slim', num_classes=10).eval()
+    timm_slim.calibrate_bn(model, [inputs()], widths=[0.5])
+    compiled = _compiled(model)
+    x = inputs()
+    with torch.no_grad():
+        for width in (0.5, 1.0, 0.5):
+            timm_slim.set_width(model, width)
+            assert max_diff(compiled(x), model(x)) < 1e-5
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    assert counters['stats']['unique_graphs'] == 2
+
+
 def test_torch_compile_with_dynamic_module_ints_serves_any_width():
     """US-Net training samples a new width every step: with nn.Module ints unspecialised, the
     channel counts become symbolic after the first widths, and new widths compile nothing."""

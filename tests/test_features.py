@@ -80,19 +80,22 @@ def test_feature_model_is_timm_at_full_width_and_the_classifier_at_a_narrow_one(
     assert backbone.feature_info.channels() != base.feature_info.channels()
 
 
-@pytest.mark.parametrize('base,width,native', [
-    ('mobilenetv2_100', 0.35, 'mobilenetv2_035'),
-    ('mobilenetv2_100', 0.5, 'mobilenetv2_050'),
-    ('mobilenetv2_100', 0.75, 'mobilenetv2_075'),
-    ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075'),
+@pytest.mark.parametrize('base,width,native,kwargs', [
+    ('mobilenetv2_100', 0.35, 'mobilenetv2_035', {}),
+    ('mobilenetv2_100', 0.5, 'mobilenetv2_050', {}),
+    ('mobilenetv2_100', 0.75, 'mobilenetv2_075', {}),
+    ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075', {}),
+    # wrappers that rename the classifier's layers ('model.', 'body.'): timm's rule still applies
+    ('mobilenetv2_100', 0.5, 'mobilenetv2_050', dict(feature_cls='getter')),
+    ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075', dict(feature_cls='hook')),
 ])
-def test_exported_backbone_is_timm_native_narrow_feature_model(base, width, native):
+def test_exported_backbone_is_timm_native_narrow_feature_model(base, width, native, kwargs):
     """A width of a slimmable backbone has timm's channels for that multiplier, and its export
     loads with strict=True into timm's own feature model of that variant and computes the same."""
-    backbone = timm.create_model(f'{base}_slim', features_only=True, out_indices=(1, 2, 4)).eval()
+    backbone = timm.create_model(f'{base}_slim', features_only=True, out_indices=(1, 2, 4), **kwargs).eval()
     timm_slim.calibrate_bn(backbone, batches(), widths=[width])
     plain = timm_slim.export(backbone, width).eval()
-    expected = timm.create_model(native, features_only=True, out_indices=(1, 2, 4)).eval()
+    expected = timm.create_model(native, features_only=True, out_indices=(1, 2, 4), **kwargs).eval()
     assert timm_slim.feature_channels(backbone, width) == expected.feature_info.channels() == \
         plain.feature_info.channels()
     expected.load_state_dict(plain.state_dict(), strict=True)

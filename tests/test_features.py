@@ -11,6 +11,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 import timm_slim
 from timm_slim.layers import SLIM_LAYERS
+from timm_slim.profile import count_macs
 
 SIZE = 64
 # (base, timm feature arguments): every feature class timm builds for these families
@@ -178,3 +179,22 @@ def test_feature_models_timm_slim_cannot_match_are_refused_by_name():
         timm_slim.slimmify(hand_made)
     with pytest.raises(timm_slim.UnsupportedModelError, match='DenseNet'):
         timm_slim.slimmify(timm.create_model('densenet121', features_only=True))
+
+
+def test_a_backbone_profiles_saves_and_loads_per_width(tmp_path):
+    """profile, save_width, save_supernet and load on a feature model, as on a classifier."""
+    backbone = timm.create_model('mobilenetv2_100_slim', features_only=True, out_indices=(1, 3)).eval()
+    timm_slim.calibrate_bn(backbone, batches(), widths=[0.5])
+    x = batches(1)[0]
+    rows = timm_slim.profile(backbone, widths=[0.5, 1.0], input_size=(3, SIZE, SIZE))
+    plain = timm_slim.export(backbone, 0.5).eval()
+    assert rows[0].macs == count_macs(plain, x[:1])[0] < rows[1].macs
+    assert rows[0].channels.endswith(' / 16,48')
+    timm_slim.save_width(backbone, 0.5, tmp_path / 'w.safetensors')
+    timm_slim.save_supernet(backbone, tmp_path / 's.safetensors')
+    loaded, supernet = timm_slim.load(tmp_path / 'w.safetensors').eval(), timm_slim.load(tmp_path / 's.safetensors')
+    assert type(loaded) is type(supernet) is type(backbone)
+    timm_slim.set_width(supernet.eval(), 0.5)
+    assert max_diff(outputs(loaded, x), outputs(plain, x)) < 1e-5
+    assert max_diff(outputs(supernet, x), outputs(plain, x)) < 1e-5
+    assert supernet.feature_info.channels() == [16, 48]

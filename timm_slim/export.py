@@ -118,7 +118,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
     info = {
         'version': FORMAT_VERSION,
         'architecture': state.architecture,
-        'num_classes': net.num_classes,
+        'num_classes': getattr(net, 'num_classes', 0),   # a feature model has none
         'model_args': model_args(net),
         **extra,
     }

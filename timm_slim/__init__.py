@@ -8,6 +8,7 @@ from .control import calibrate_bn, get_width, set_width, unwrap, use_width
 from .convert import slimmify
 from .dynamic import add_gates, calibrate_routes
 from .export import channel_table, export, load, read_header, save_supernet, save_width
+from .features import feature_channels
 from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import DS_MODELS, SLIM_MODELS
 from .profile import plot_widths, profile
@@ -25,6 +26,7 @@ __all__ = [
     'calibrate_routes',
     'channel_table',
     'export',
+    'feature_channels',
     'get_width',
     'load',
     'load_from_hub',

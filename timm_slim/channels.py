@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,9 +60,10 @@ class ChannelGraph:
     layer_out: Dict[str, int]              # conv/linear name -> group of its output
     norm_group: Dict[str, int]             # BatchNorm name -> group it normalises
     module_out: Dict[str, int]             # any module name -> group of its output
-    features_group: int                    # group of forward_features' output
+    features_group: int                    # group of forward_features' output (-1: a feature model)
     stage_of: Dict[str, int]               # conv/linear name -> stage index
     num_stages: int
+    output_groups: Tuple[int, ...] = ()    # group of every tensor forward() returns, in order
 
 
 class _UnionFind:
@@ -227,7 +228,9 @@ class _ChannelTracer(TorchFunctionMode):
 
 
 def trace_channels(model: nn.Module, stage_prefixes: Sequence[str]) -> ChannelGraph:
-    """Run one small forward pass of ``model`` and return its channel coupling."""
+    """Run one small forward pass of ``model`` and return its channel coupling: a classifier's
+    ``forward_features`` and ``forward_head``, or the ``forward`` of a model without them (timm's
+    feature models, whose outputs are the features)."""
     first = next(iter(model.parameters()))
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     x = torch.zeros(1, in_chans, 32, 32, device=first.device, dtype=first.dtype)
@@ -241,18 +244,23 @@ def trace_channels(model: nn.Module, stage_prefixes: Sequence[str]) -> ChannelGr
     model.eval()
     try:
         with torch.no_grad(), tracer:
-            features = model.forward_features(x)
-            model.forward_head(features)
+            if hasattr(model, 'forward_features') and hasattr(model, 'forward_head'):
+                features = model.forward_features(x)
+                outputs = model.forward_head(features)
+            else:
+                features, outputs = None, model(x)
     finally:
         for handle in handles:
             handle.remove()
         for module, mode in modes.items():
             module.training = mode
-    return _build_graph(model, tracer, tracer.label_of(features), stage_prefixes)
+    returned = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+    return _build_graph(model, tracer, None if features is None else tracer.label_of(features), stage_prefixes,
+                        [tracer.label_of(t) for t in returned])
 
 
 def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Optional[int],
-                 stage_prefixes: Sequence[str]) -> ChannelGraph:
+                 stage_prefixes: Sequence[str], output_nodes: Sequence[Optional[int]] = ()) -> ChannelGraph:
     find = tracer.uf.find
     modules = dict(model.named_modules())
     for name, module in modules.items():
@@ -292,6 +300,7 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
         features_group=find(features_node) if features_node is not None else -1,
         stage_of=stage_of,
         num_stages=len(stage_prefixes),
+        output_groups=tuple(-1 if node is None else find(node) for node in output_nodes),
     )
 
 
@@ -325,18 +334,21 @@ class ChannelPlanner:
     """
 
     def __init__(self, graph: ChannelGraph, architecture: Optional[str], num_classes: int,
-                 cache_size: int = 256) -> None:
+                 cache_size: int = 256, rule_names: Optional[Dict[str, str]] = None) -> None:
         self.graph = graph
         self.architecture = architecture
         self.num_classes = num_classes
         self.cache_size = cache_size
+        # A feature model's layers have the classifier's names with a prefix or flattened
+        # containers; the rule knows them by the classifier's names.
+        self.rule_names = rule_names or {}
         self._tables: OrderedDict = OrderedDict()
         self.rule = self._faithful_rule(architecture, num_classes)
         self.uses_timm_rule = self.rule is not None
         slot = {name: i for i, name in enumerate(self.rule.names)} if self.rule is not None else {}
         # (root, group, [(stage, slot of the producer in the rule's counts)]) for every group.
         self._members = [
-            (root, group, [(graph.stage_of[p], slot.get(p)) for p in group.producers])
+            (root, group, [(graph.stage_of[p], slot.get(self.rule_names.get(p, p))) for p in group.producers])
             for root, group in graph.groups.items()
         ]
 
@@ -348,7 +360,7 @@ class ChannelPlanner:
             return None
         full = dict(zip(rule.names, rule.counts(1.0)))
         for group in self.graph.groups.values():
-            if any(full.get(p) != group.base for p in group.producers):
+            if any(full.get(self.rule_names.get(p, p)) != group.base for p in group.producers):
                 return None
         return rule
 

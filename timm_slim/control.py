@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .layers import SWITCHABLE, SlimBatchNorm2d
-from .state import SlimState, slim_layers, unwrap
+from .state import SlimState, feature_dicts, slim_layers, unwrap
 from .width import Width, format_width, stage_widths, width_key
 
 # Named width modes: name -> handler(model) that switches the model to that mode and returns
@@ -92,6 +92,12 @@ def set_width(model: nn.Module, width: Width) -> Width:
         else:
             out = counts[graph.layer_out[name]]
             layer.out_active = None if out == layer.full_out else out
+            node_in = graph.layer_in[name]
+            layer.in_active = state.in_chans if node_in is None else counts[node_in]
+    if state.feature_groups:   # timm's feature_info follows the width (a neck reads it)
+        for info, group in zip(feature_dicts(model), state.feature_groups):
+            if group is not None:
+                info['num_chs'] = counts[group]
     state.width = width
     return width
 

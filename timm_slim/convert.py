@@ -15,8 +15,10 @@ from timm.layers import BatchNormAct2d
 from timm.layers import Linear as TimmLinear
 from timm.layers.conv2d_same import Conv2dSame
 
+from .capture import install_guard
 from .channels import ChannelPlanner, UnsupportedModelError, trace_channels
 from .control import set_width
+from .features import FeatureNames, feature_groups, is_feature_model
 from .layers import BN_KINDS, SWITCHABLE, UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimLinear
 from .state import SlimState, slim_layers
 from .width import Width, WidthSpace, width_key
@@ -32,11 +34,15 @@ _REFUSED_CONTAINERS = ('MixedConv2d', 'CondConv2d', 'CondConvResidual', 'Univers
 
 
 def model_stages(model: nn.Module) -> Tuple[str, ...]:
-    """Names of the stages a per-stage width configures, by model family."""
+    """Names of the stages a per-stage width configures, by model family (a feature model has
+    those of its classifier that it keeps)."""
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
     from timm.models.resnet import ResNet
 
+    if is_feature_model(model):
+        names = FeatureNames(model)
+        return names.stages(model_stages(names.base_model()))
     if isinstance(model, ResNet):
         return tuple(f'layer{i}' for i in range(1, 5))
     if isinstance(model, (EfficientNet, MobileNetV3)):
@@ -44,7 +50,7 @@ def model_stages(model: nn.Module) -> Tuple[str, ...]:
     raise UnsupportedModelError(
         f'unsupported model class {type(model).__name__}; timm_slim supports timm ResNet, '
         f'EfficientNet (EfficientNet-builder family: mobilenetv2, mnasnet, spnasnet, fbnetc, efficientnet, ...) '
-        f'and MobileNetV3 (mobilenetv3, lcnet, ...) models')
+        f'and MobileNetV3 (mobilenetv3, lcnet, ...) models, and their feature models (features_only=True)')
 
 
 def _check_modules(model: nn.Module) -> None:
@@ -72,7 +78,9 @@ def slimmify(
     """Make a timm model slimmable, in place, and return it.
 
     Args:
-        model: a timm ResNet, EfficientNet-builder or MobileNetV3 model (pretrained or not).
+        model: a timm ResNet, EfficientNet-builder or MobileNetV3 model (pretrained or not), or
+            timm's feature model of one (``features_only=True``: ``FeatureListNet``,
+            ``EfficientNetFeatures``, ``MobileNetV3Features``, ``FeatureGetterNet``, ...).
         widths: S-Net: the fixed list of widths, e.g. ``(0.25, 0.5, 0.75, 1.0)``.
         width_range: US-Net: ``(low, high)``; any width in it (default ``(0.25, 1.0)``).
         bn: ``'switchable'`` (private BN per width, the S-Net default) or ``'universal'``
@@ -95,11 +103,13 @@ def slimmify(
     graph = trace_channels(model, stages)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     architecture = cfg.get('architecture')
-    planner = ChannelPlanner(graph, architecture, getattr(model, 'num_classes', 0))
+    rule_names = FeatureNames(model).rule_names(graph) if is_feature_model(model) else None
+    planner = ChannelPlanner(graph, architecture, getattr(model, 'num_classes', 0), rule_names=rule_names)
     _check_plan_shrinks(type(model).__name__ if architecture is None else architecture, planner, space)
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     state = SlimState(space=space, bn=bn, graph=graph, planner=planner, architecture=architecture,
-                      stages=stages, width=space.high, in_chans=in_chans)
+                      stages=stages, width=space.high, in_chans=in_chans,
+                      feature_groups=feature_groups(model, graph))
     for _name, module in list(model.named_modules()):
         if isinstance(module, _NORM_CLASSES):
             SlimBatchNorm2d.convert(module, bn)
@@ -108,6 +118,7 @@ def slimmify(
         elif isinstance(module, _LINEAR_CLASSES):
             SlimLinear.convert(module)
     state.layers = tuple(slim_layers(model))
+    install_guard(state)
     model.slim = state
     if bn == SWITCHABLE:
         _add_private_norms(model, state)

@@ -59,7 +59,8 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
                 memo[id(layer)] = layer.twin()
             else:
                 memo[id(layer)] = layer.twin(state.layer_io(name, counts)[0])
-        plain = copy.deepcopy(net, memo)
+        plain = copy.deepcopy(net, memo)   # feature_info is copied with the width's num_chs (set_width)
+        _move_hooks(net, memo)
     del plain.slim
     for name in state.extras:
         delattr(plain, name)
@@ -68,8 +69,28 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
     return plain
 
 
+# Forward hooks of a layer: timm's feature hooks (features_only with feature_location='expansion',
+# feature_cls='hook') sit on convolutions; a twin must carry them into the plain model.
+_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
+               '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs')
+
+
+def _move_hooks(net: nn.Module, memo: Dict[int, Any]) -> None:
+    """Give every twin its layer's hooks, copied with the model's memo (so a hook bound to a part of
+    the model, like timm's FeatureHooks, is bound to that part of the plain model)."""
+    for _, layer in slim_layers(net):
+        twin = memo[id(layer)]
+        for attr in _HOOK_DICTS:
+            hooks = getattr(layer, attr, None)
+            if hooks:
+                setattr(twin, attr, copy.deepcopy(hooks, memo))
+
+
 def _fix_head_attributes(plain: nn.Module, net: nn.Module, counts: Dict[int, int]) -> None:
-    """Keep timm's bookkeeping (num_features, head_hidden_size, feature_info) true to the width."""
+    """Keep timm's bookkeeping (num_features, head_hidden_size) true to the width; a feature
+    model has no head."""
+    if not hasattr(net, 'get_classifier'):
+        return
     graph = net.slim.graph
     classifier = net.get_classifier()
     classifier_name = next(n for n, m in net.named_modules() if m is classifier)
@@ -77,10 +98,6 @@ def _fix_head_attributes(plain: nn.Module, net: nn.Module, counts: Dict[int, int
         plain.num_features = counts[graph.features_group]
     if hasattr(plain, 'head_hidden_size'):
         plain.head_hidden_size = net.slim.layer_io(classifier_name, counts)[0]
-    for info in getattr(plain, 'feature_info', None) or []:
-        group = graph.module_out.get(info.get('module', ''))
-        if group in counts:
-            info['num_chs'] = counts[group]
 
 
 def _atomic_save(tensors: Dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: Dict[str, str]) -> None:
@@ -104,7 +121,7 @@ def _header(net: nn.Module, **extra: Any) -> Dict[str, str]:
     info = {
         'version': FORMAT_VERSION,
         'architecture': state.architecture,
-        'num_classes': net.num_classes,
+        'num_classes': getattr(net, 'num_classes', 0),   # a feature model has none
         'model_args': model_args(net),
         **extra,
     }

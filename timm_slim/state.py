@@ -8,7 +8,7 @@ through these, so they import nothing but the layers, the channel planner and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -34,6 +34,9 @@ class SlimState:
     # (name, layer) of every slim layer, found once at conversion: set_width walks this list
     # instead of the whole module tree on every call.
     layers: Tuple[Tuple[str, nn.Module], ...] = ()
+    # The channel group of each entry of the model's timm ``feature_info`` (None: a feature the
+    # model does not compute), so set_width keeps its ``num_chs`` true to the width.
+    feature_groups: Tuple[Optional[int], ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -61,6 +64,15 @@ def unwrap(model: nn.Module) -> nn.Module:
                             f'make one with timm_slim.slimmify(model) or timm.create_model("<name>_slim")')
         model = inner
     return model
+
+
+def feature_dicts(model: nn.Module) -> List[dict]:
+    """The entries of a timm model's ``feature_info``: a list of dicts on a classifier, a
+    ``FeatureInfo`` (its ``info``) on a feature model; none without one."""
+    info = getattr(model, 'feature_info', None)
+    if info is None:
+        return []
+    return list(getattr(info, 'info', info))
 
 
 def slim_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:

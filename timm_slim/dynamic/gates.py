@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from ..channels import UnsupportedModelError
+from ..features import refuse_gates
 from ..layers import SlimConv2d, SlimLinear
 from ..state import slim_layers, unwrap
 from .routing import install_forward
@@ -165,6 +166,7 @@ def add_gates(
         them; ``gate_training_mode`` and ``freeze_backbone`` make them trainable for Stage II.
     """
     net = unwrap(model)
+    refuse_gates(net)
     if hasattr(net, 'ds'):
         raise ValueError('the model already has gates')
     if net.slim.space.high != 1.0:

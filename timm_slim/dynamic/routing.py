@@ -42,8 +42,8 @@ from .state import DYNAMIC, Decisions, DynamicState
 
 # What ``set_width`` configures on each slim layer (see timm_slim.control.set_width).
 _WIDTH_ATTRS = {
-    SlimConv2d: ('out_active',),
-    SlimLinear: ('out_active',),
+    SlimConv2d: ('out_active', 'in_active'),
+    SlimLinear: ('out_active', 'in_active'),
     SlimBatchNorm2d: ('active_channels', 'is_full', 'width_key', 'width_label', 'private_key'),
 }
 

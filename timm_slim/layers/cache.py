@@ -5,7 +5,12 @@ at inference a slim layer keeps one contiguous copy of its active slice. The cop
 as soon as the weight changes (an optimizer step or ``load_state_dict`` bumps the tensor's
 version counter; ``.to()`` changes its storage) or another width is asked for, so the cache
 never holds more than one width's weights (``capacity`` widths, for a DS-Net's gated stages).
-While autograd records, slices are plain views so gradients reach the shared weight.
+While autograd records, slices are plain views so gradients reach the shared weight; under
+``torch.fx`` tracing (the weight is a ``Proxy``) and ``torch.compile``/``torch.export`` they are
+views too, so a captured graph slices the supernet's own parameters (the cache's bookkeeping,
+``data_ptr`` and version counters, would break a compiled graph at every layer). Every size
+compared here is a plain int on the layer, never a tensor's shape, so FX can trace the layers
+without branching on a traced value.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 
 
 def _is_channels_last(tensor: torch.Tensor) -> bool:
@@ -55,9 +61,10 @@ class SliceCache:
 
     def get(self, layer: nn.Module, out: int, inp: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         weight, bias = layer.weight, layer.bias
-        if out == weight.shape[0] and inp == weight.shape[1]:
+        if out == layer.full_out and inp == layer.full_in:
             return weight, bias
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if isinstance(weight, Proxy) or (torch.is_grad_enabled() and weight.requires_grad) or \
+                torch.compiler.is_compiling():
             return weight[:out, :inp], None if bias is None else bias[:out]
         # A copy made under inference_mode is an inference tensor that autograd may not save,
         # so copies made inside and outside inference_mode are never shared.
@@ -77,10 +84,17 @@ class SliceCache:
 
 
 class SlicedWeights:
-    """Mixin of the weight-slicing layers: in-place conversion and the active output count."""
+    """Mixin of the weight-slicing layers: in-place conversion and the active channel counts.
 
-    out_active: Optional[int]   # the output count at the active width; None: all of them
-    full_out: int               # the output count at full width
+    ``set_width`` gives every layer both counts of the active width from the channel table: its
+    output count and the count of the tensor it reads (``in_active``), so a forward reads no
+    tensor shape (``torch.fx`` then traces it as plain slicing).
+
+    Attributes (plain ints, set in ``convert``; no class annotations, which TorchScript would
+    try to resolve): ``out_active``, the output count at the active width (None: all of them);
+    ``in_active``, the channels (features) of its input at the active width; ``full_out`` and
+    ``full_in``, the weight's first two dimensions (``full_in`` is per group for convs).
+    """
 
     @classmethod
     def convert(cls, layer: nn.Module) -> nn.Module:
@@ -90,5 +104,7 @@ class SlicedWeights:
         layer._twin_cls = twin_cls
         layer.out_active = None
         layer.full_out = layer.weight.shape[0]
+        layer.full_in = layer.weight.shape[1]
+        layer.in_active = layer.full_in * getattr(layer, 'groups', 1)
         layer._cache = SliceCache()
         return layer

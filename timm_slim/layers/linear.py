@@ -1,4 +1,4 @@
-"""Slimmable linear layer: reads its input features from the tensor, slices its weight."""
+"""Slimmable linear layer: a leading slice of its weight, both counts set by ``set_width``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ class SlimLinear(SlicedWeights, nn.Linear):
     """``nn.Linear`` on a leading slice of its input (and, unless it is the classifier, output)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted(x)
         out = self.out_features if self.out_active is None else self.out_active
-        weight, bias = self._cache.get(self, out, x.shape[-1])
+        weight, bias = self._cache.get(self, out, self.in_active)
         return F.linear(x, weight, bias)
+
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """TorchScript's forward: the same slices, taken on every call (no cache)."""
+        out_active = self.out_active
+        out = self.out_features if out_active is None else out_active
+        bias = self.bias
+        if bias is not None:
+            bias = bias[:out]
+        return F.linear(x, self.weight[:out, :self.in_active], bias)
 
     def twin(self, in_features: int) -> nn.Linear:
         """A plain ``nn.Linear`` of the active width holding a copy of the sliced weights."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
+from torch.fx import Proxy
 
 UNIVERSAL = 'universal'
 SWITCHABLE = 'switchable'
@@ -155,7 +156,9 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         return stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
+        if torch.jit.is_scripting():
+            return self._scripted(x)
+        channels = self.active_channels
         source = self._source()
         weight = source.weight[:channels] if self.affine else None
         bias = source.bias[:channels] if self.affine else None
@@ -163,8 +166,8 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             x = self._moments.normalize(x, weight, bias, self.eps)
         elif self.training:
             tracks = self.private_key is not None or self.is_full
-            if self.kind == UNIVERSAL:
-                self.calib.clear()  # weights are about to change: old calibrations go stale
+            if self.kind == UNIVERSAL and not isinstance(x, Proxy):
+                self.calib.clear()  # weights are about to change: old calibrations go stale (not so in FX tracing)
             if tracks:
                 momentum = self._momentum(source)
                 x = F.batch_norm(x, source.running_mean, source.running_var, weight, bias, True, momentum,
@@ -176,6 +179,31 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             x = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
         x = self.drop(x)
         return self.act(x)
+
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """TorchScript's forward: eval-mode BatchNorm with the statistics of the scripted width."""
+        if self.training:
+            raise RuntimeError('a scripted supernet normalises with the BatchNorm statistics of the width it was '
+                               'scripted at (eval mode); to train, use the eager model or a plain timm model '
+                               '(timm_slim.export(model, width))')
+        weight, bias, mean, var = self._script_stats
+        x = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+    def __prepare_scriptable__(self) -> SlimBatchNorm2d:
+        """Before ``torch.jit.script``: the active width's affine slice and statistics, which
+        TorchScript cannot select itself (private BatchNorms and calibrations are keyed by width)."""
+        if self.training:
+            raise RuntimeError('torch.jit.script of a supernet needs eval mode (model.eval()): its BatchNorm '
+                               'is scripted with the statistics of the active width; to script a model for '
+                               'training, script timm_slim.export(model, width)')
+        channels = self.active_channels
+        source = self._source()
+        mean, var = self._eval_stats(channels)
+        weight = source.weight[:channels].detach() if self.affine else None
+        bias = source.bias[:channels].detach() if self.affine else None
+        self._script_stats = (weight, bias, mean, var)
+        return self
 
     @staticmethod
     def _momentum(source: nn.BatchNorm2d) -> float:

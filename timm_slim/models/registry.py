@@ -5,10 +5,13 @@ builds timm's ``<base>`` (``pretrained=True`` loads its timm weights, ``pretrain
 and every other keyword reach it unchanged) and returns ``slimmify`` of it. From a timm_slim Hub
 repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published supernet, or with
 ``width=`` the plain model of that width, downloading only that file (``timm_slim.hub``).
+``features_only=True`` (with timm's ``out_indices``, ``feature_cls``, ``output_stride``, ...) gives
+the supernet of timm's feature model (:mod:`timm_slim.features`).
 ``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
-``at``, ``fixed``, ``se``, ``tau``, ``reduction``); ``width='dynamic'`` starts it in dynamic mode.
-From a DS-Net repo it returns the gated supernet (``width='dynamic'``: routing) or a plain width.
-The names themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
+``at``, ``fixed``, ``se``, ``tau``, ``reduction``); ``width='dynamic'`` starts it in dynamic mode;
+it has no feature model (refused: gates route each input to its own channel counts). From a
+DS-Net repo it returns the gated supernet (``width='dynamic'``: routing) or a plain width. The
+names themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from ..control import set_width
 from ..convert import slimmify
 from ..dynamic import GATE_ARGS, add_gates
+from ..features import check_out_indices, gates_refusal
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
@@ -61,6 +65,10 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
             # fetch only the file of `width` (a plain model of that width) or, without one, the
             # supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
+        if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
+            with torch.device('meta'):
+                num_features = len(timm.create_model(base_name).feature_info)
+            check_out_indices(kwargs['out_indices'], num_features, slim_name)
         try:
             base = timm.create_model(base_name, pretrained=pretrained, **kwargs)
         except TypeError as error:
@@ -82,6 +90,8 @@ def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
 
     def create(pretrained: bool = False, width=None, choices=None, at=None, fixed=None, se=None, tau=None,
                reduction=None, **kwargs):
+        if kwargs.get('features_only'):
+            raise ValueError(gates_refusal(f'{ds_name} with features_only=True'))
         given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau, reduction=reduction)
         given = {k: v for k, v in given.items() if v is not None}
         if _from_repo(pretrained, kwargs):

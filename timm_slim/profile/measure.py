@@ -75,8 +75,12 @@ def channel_summary(model: nn.Module, width: Optional[Width] = None) -> str:
     counts = state.counts(state.check(state.width if width is None else width))
     graph = state.graph
     first_conv = next(name for name, layer in slim_layers(net) if isinstance(layer, SlimConv2d))
-    stages = '-'.join(str(counts[graph.module_out[stage]]) for stage in state.stages)
-    return f'{counts[graph.layer_out[first_conv]]} / {stages} / {counts[graph.features_group]}'
+    stages = '-'.join(str(counts[graph.module_out[stage]]) for stage in state.stages if stage in graph.module_out)
+    if graph.features_group in counts:
+        features = str(counts[graph.features_group])
+    else:   # a feature model (features_only=True): the channels of the features it returns
+        features = ','.join(str(counts[group]) for group in graph.output_groups)
+    return f'{counts[graph.layer_out[first_conv]]} / {stages} / {features}'
 
 
 def _plain_channel_summary(model: nn.Module) -> str:

@@ -1,6 +1,6 @@
 """What torch.compile costs a supernet that switches widths, and what it buys, in one process.
 
-    python benchmarks/compile.py                   # resnet18_slim, 64x64, batch 1, inductor (~10 minutes on 2 cores)
+    python benchmarks/compile.py                   # resnet18_slim, 64x64, batch 1, inductor (~25 minutes on 2 cores)
     python benchmarks/compile.py --write-docs      # also rewrite the results in docs/capture.md
     python benchmarks/compile.py --backend eager   # dynamo alone: the graph counts in seconds
 

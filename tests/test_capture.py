@@ -128,8 +128,9 @@ def test_torch_compile_at_inference_has_no_graph_break():
 
 
 def test_torch_compile_with_dynamic_module_ints_serves_any_width():
-    """US-Net training samples a new width every step: with nn.Module ints unspecialised, the
-    channel counts become symbolic after the first widths, and new widths compile nothing."""
+    """US-Net training samples a new width every step: with nn.Module ints unspecialised, dynamo's
+    channel counts become symbolic after the first widths, and new widths capture nothing new
+    (inductor on the CPU still specialises convolutions per width: docs/capture.md)."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18_slim', num_classes=10).train()
     rng = random.Random(0)

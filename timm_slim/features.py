@@ -123,8 +123,8 @@ def feature_groups(model: nn.Module, graph: ChannelGraph) -> Tuple[Optional[int]
         for index, group in zip(out_indices, returned):
             if groups[index] is None:   # an FX graph calls leaves, not the containers features name
                 groups[index] = group
-    if sorted(groups[i] for i in out_indices if groups[i] is not None) != sorted(returned) or \
-            any(groups[i] is None for i in out_indices):
+    chosen = [groups[i] for i in out_indices]
+    if None in chosen or sorted(chosen) != sorted(returned):
         raise UnsupportedModelError(
             f'unsupported feature model {type(model).__name__}: the features it returns do not match its '
             f'feature_info (out_indices {tuple(out_indices)}), so their channels per width are unknown')

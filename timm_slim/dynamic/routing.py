@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
@@ -122,30 +123,21 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_features(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if self.slim.width == DYNAMIC:
-        raise _no_dynamic_features(self, x)
+    if self.slim.width == DYNAMIC and not isinstance(x, Proxy):  # under FX, the stem's capture guard refuses
+        raise _no_dynamic_features(self)
     if self.ds.se:
         return _se_features(self, x)
     return type(self).forward_features(self, x)
 
 
-def _no_dynamic_features(net: nn.Module, x: object) -> Exception:
-    """Why the features of dynamic mode are no one tensor (and no graph), and what to do instead."""
-    from torch.fx import Proxy
-    from torch.fx.proxy import TraceError
-
+def _no_dynamic_features(net: nn.Module) -> ValueError:
+    """Why the features of dynamic mode are no one tensor, and what to do instead."""
     width = format_width(net.ds.choices[0])
-    instead = (f'a static width (timm_slim.set_width(model, {width}), or one route: '
-               f'timm_slim.set_width(model, model.ds.route_width(route)))')
-    if isinstance(x, Proxy):  # torch.fx.symbolic_trace runs timm's forward, which lands here
-        return TraceError(
-            f"torch.fx cannot trace a {net.slim.architecture} supernet with DS-Net gates in 'dynamic' mode: the gates "
-            f'choose every input\'s route from its data and the batch is split by route, which no static graph can '
-            f'hold. Trace {instead}, or the plain timm model of a width: timm_slim.export(model, {width})')
     return ValueError(
         f"forward_features has no single result in 'dynamic' mode: the gates send the inputs through routes of "
         f'different widths, so their features differ in channels. Call model(x) for the dynamic outputs, or use '
-        f'forward_features at {instead}')
+        f'forward_features at a static width (timm_slim.set_width(model, {width}), or one route: '
+        f'timm_slim.set_width(model, model.ds.route_width(route)))')
 
 
 def install_forward(net: nn.Module) -> None:

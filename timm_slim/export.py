@@ -114,7 +114,7 @@ def model_args(net: nn.Module) -> Dict[str, Any]:
     """The base model's constructor arguments that survive JSON (timm records them)."""
     args = {}
     for key, value in (getattr(net, '_model_args', None) or {}).items():
-        if key in ('width', 'widths', 'width_range', 'bn', 'pretrained_cfg', 'pretrained_cfg_overlay',
+        if key in ('width', 'widths', 'width_range', 'bn', 'sort_channels', 'pretrained_cfg', 'pretrained_cfg_overlay',
                    'choices', 'at', 'fixed', 'se', 'tau'):   # timm_slim's own (DS-Net gates: add_gates)
             continue
         try:

@@ -8,6 +8,8 @@ repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published super
 ``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
 ``at``, ``fixed``, ``se``, ``tau``); ``width='dynamic'`` starts it in dynamic mode. The names
 themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
+``sort_channels=True`` (or an importance name) reorders the base model's channels by importance
+before the conversion (``timm_slim.sort_channels``), to start a supernet from trained weights.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..names import DS_SUFFIX as DS_SUFFIX
 from ..names import SLIM_SUFFIX as SLIM_SUFFIX
 from ..names import supported_base_models as supported_base_models
 
-SLIM_KWARGS = ('width', 'widths', 'width_range', 'bn')
+SLIM_KWARGS = ('width', 'widths', 'width_range', 'bn', 'sort_channels')
 
 
 def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optional[ValueError]:
@@ -48,10 +50,14 @@ def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optio
 
 
 def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
-    def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, **kwargs):
+    def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, sort_channels=False,
+               **kwargs):
         kwargs.pop('pretrained_model_args', None)
         cfg = kwargs.get('pretrained_cfg')
         if pretrained and isinstance(cfg, dict) and cfg.get('source') in ('hf-hub', 'local-dir'):
+            if sort_channels:
+                raise ValueError('sort_channels applies to a base model\'s weights; a timm_slim repo holds a '
+                                 'supernet (or a width) whose channels are already in their trained order')
             # 'hf-hub:org/repo' / 'local-dir:path' of a timm_slim repo: fetch only the file of `width`
             # (a plain model of that width) or, without one, the supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
@@ -62,7 +68,7 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
             if clear is None:
                 raise
             raise clear from None
-        return slimmify(base, widths=widths, width_range=width_range, bn=bn, width=width)
+        return slimmify(base, widths=widths, width_range=width_range, bn=bn, width=width, sort_channels=sort_channels)
 
     create.__name__ = slim_name
     create.__qualname__ = slim_name

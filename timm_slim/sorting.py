@@ -206,11 +206,11 @@ def _data_measure(model: nn.Module, groups: Dict[int, _Group], importance: str, 
         def record(module: nn.Module, args: Any, output: torch.Tensor) -> Optional[torch.Tensor]:
             shape = (1, -1) + (1,) * (output.dim() - 2)
             if taylor:
-                return output * gates[root].view(shape)
+                return output * gates[root][:output.shape[1]].view(shape)
             magnitude = output.detach().abs().double()
             if magnitude.dim() > 2:
                 magnitude = magnitude.flatten(2).mean(2)
-            scores[root] += magnitude.sum(0)
+            scores[root][:magnitude.shape[1]] += magnitude.sum(0)
             return None
         return record
 

@@ -136,7 +136,11 @@ def test_importance_does_not_increase_along_each_group(name, importance):
 def test_data_driven_importance_does_not_increase_along_each_group(importance):
     model = _trained_like('resnet18', dtype=torch.float64)
     loader = _loader(dtype=torch.float64)
+    before = sorting.channel_importance(model, importance, loader=loader)
+    assert all(v.min() >= 0 and v.max() > v.min() for v in before.values())   # it measures something
+    stem = model.conv1.weight.clone()
     sorting.sort_channels(model, importance, loader=loader)
+    assert not torch.equal(model.conv1.weight, stem)
     _assert_non_increasing(sorting.channel_importance(model, importance, loader=loader), {}, rtol=1e-9)
 
 

@@ -106,16 +106,20 @@ def _cell(row: dict) -> str:
     return f'{row["top1"]:.2f} ± {row["top1_std"]:.2f}' if len(row['top1_runs']) > 1 else f'{row["top1"]:.2f}'
 
 
-def write_docs(text: str, plot_source: str) -> None:
-    path = os.path.join(ROOT, 'docs', 'training.md')
+def replace_block(path: str, begin: str, end: str, text: str) -> None:
+    """Rewrite what stands between the markers ``begin`` and ``end`` of a docs page."""
     with open(path) as handle:
         page = handle.read()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f'{path} has no {BEGIN} ... {END} block to rewrite')
-    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _m: f'{BEGIN}\n{text}\n{END}', page,
+    if begin not in page or end not in page:
+        raise SystemExit(f'{path} has no {begin} ... {end} block to rewrite')
+    page = re.sub(re.escape(begin) + '.*?' + re.escape(end), lambda _m: f'{begin}\n{text}\n{end}', page,
                   flags=re.S)
     with open(path, 'w') as handle:
         handle.write(page)
+
+
+def write_docs(text: str, plot_source: str) -> None:
+    replace_block(os.path.join(ROOT, 'docs', 'training.md'), BEGIN, END, text)
     os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', 'accuracy_benchmark.png'))
 
 

@@ -83,7 +83,7 @@ def slimmify(
         width: the initial width (default: the largest).
         sort_channels: reorder every channel group by importance first, so that narrow widths
             of a trained model keep its most important channels (``timm_slim.sort_channels``):
-            True for ``'l1'``, or the name of a weight-based measure (``'l1-next'``, ``'bn'``).
+            True for ``'bn'``, or the name of a weight-based measure (``'l1'``, ``'l1-next'``).
 
     Returns:
         The same model object, now a supernet; its full width computes exactly what it
@@ -100,7 +100,7 @@ def slimmify(
     _check_modules(model)
     graph = trace_channels(model, stages)
     if sort_channels:
-        importance = 'l1' if sort_channels is True else sort_channels
+        importance = 'bn' if sort_channels is True else sort_channels
         if importance in DATA_DRIVEN:
             raise ValueError(f'slimmify(sort_channels={importance!r}): that importance is measured on images; call '
                              f'timm_slim.sort_channels(model, {importance!r}, loader) before slimmify')

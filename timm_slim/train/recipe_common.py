@@ -79,9 +79,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     model.add_argument('--pretrained', action='store_true', help='start from the base model\'s timm weights')
     model.add_argument('--initial-checkpoint', metavar='PATH', help='start from these weights: a safetensors or '
                        'weights-only torch file of the base model or of a supernet (docs: From a trained model)')
-    model.add_argument('--sort-channels', nargs='?', const='l1', choices=WEIGHT_IMPORTANCES, metavar='IMPORTANCE',
+    model.add_argument('--sort-channels', nargs='?', const='bn', choices=WEIGHT_IMPORTANCES, metavar='IMPORTANCE',
                        help='reorder the trained channels by importance first, so narrow widths keep the important '
-                            f'ones: {", ".join(WEIGHT_IMPORTANCES)} (no value: l1)')
+                            f'ones: {", ".join(WEIGHT_IMPORTANCES)} (no value: bn)')
     if method == 'snet':
         model.add_argument('--widths', type=float, nargs='+', help='the fixed list of widths')
         model.add_argument('--bn', choices=[SWITCHABLE, UNIVERSAL],

@@ -2,7 +2,7 @@
 
     python benchmarks/pretrained.py                  # mobilenetv2_100 and resnet18 (about 50 CPU-minutes)
     python benchmarks/pretrained.py --write-docs     # also rewrite the tables and plots of docs/pretrained.md
-    python benchmarks/pretrained.py --seeds 42 0 1 --finetune-seeds 42 0   # more seeds (finished runs are reused)
+    python benchmarks/pretrained.py --seeds 42 0 1 --finetune-seeds 42 mobilenetv2_100:0   # more seeds (reused runs)
     python benchmarks/pretrained.py --models mobilenetv2_100 --seeds 0 --finetune-seeds 0 --epochs 1 \\
         --finetune-epochs 1 -- --train-subset 64 --val-subset 64               # smoke test
 
@@ -75,7 +75,7 @@ class Benchmark:
     def recipe(self, method: str, name: str, argv: List[str]) -> Dict[float, dict]:
         folder = os.path.join(self.args.output, name)
         rows, took = train(method, argv + ['--output', folder], reuse=not self.args.fresh)
-        self.seconds[name] = took
+        self.seconds[name] = took   # wall time, as the recipe measured it (read-back runs too)
         return rows
 
     # (a) ------------------------------------------------------------------------------------------
@@ -154,10 +154,11 @@ def _per_width(runs: List[Rows]) -> Dict[float, List[float]]:
 def run_model(bench: Benchmark, model: str) -> dict:
     """Every run of one model; {'no_training': {measure: {width: [top-1 per seed]}}, 'finetune': ...}."""
     args = bench.args
+    finetune_seeds = finetune_seeds_of(args, model)
     no_training: Dict[str, List[Rows]] = {m: [] for m in MEASURES}
     natives: Dict[float, List[float]] = {w: [] for w in WIDTHS}
     checkpoints = {}
-    for seed in sorted(set(args.seeds) | set(args.finetune_seeds), key=(args.seeds + args.finetune_seeds).index):
+    for seed in list(dict.fromkeys(args.seeds + finetune_seeds)):
         top1, folder = bench.native(model, 1.0, seed)
         checkpoints[seed] = os.path.join(folder, 'width-1.safetensors')
         if seed in args.seeds:
@@ -165,26 +166,41 @@ def run_model(bench: Benchmark, model: str) -> dict:
             for measure, rows in bench.no_training(model, seed, checkpoints[seed]).items():
                 no_training[measure].append(rows)
     candidates: Dict[str, List[Rows]] = {}
-    costs: Dict[str, List[float]] = {}
-    for seed in args.finetune_seeds:
+    epochs_of: Dict[str, int] = {}            # label -> US-Net epochs trained (the cost axis)
+    minutes: Dict[str, List[float]] = {}      # label -> measured minutes per seed
+
+    def add(label: str, epochs: int, name: str, rows: Rows) -> None:
+        candidates.setdefault(label, []).append(rows)
+        epochs_of[label] = epochs
+        minutes.setdefault(label, []).append(bench.seconds[name] / 60)
+
+    longest = max(args.finetune_epochs)
+    for seed in finetune_seeds:
         for epochs in args.finetune_epochs:
-            label = f'fine-tuned {epochs} epoch{"s" if epochs > 1 else ""}'
-            candidates.setdefault(label, []).append(bench.finetune(model, seed, checkpoints[seed], epochs, True))
-            costs.setdefault(label, []).append(bench.seconds[f'finetune-{model}-{SORT}-{epochs}ep-seed{seed}'])
-        longest = max(args.finetune_epochs)
-        label = f'fine-tuned {longest} epoch{"s" if longest > 1 else ""}, unsorted'
-        candidates.setdefault(label, []).append(bench.finetune(model, seed, checkpoints[seed], longest, False))
-        costs.setdefault(label, []).append(bench.seconds[f'finetune-{model}-unsorted-{longest}ep-seed{seed}'])
-        label = f'US-Net from scratch, {args.epochs} epochs'
-        candidates.setdefault(label, []).append(bench.scratch(model, seed))
-        costs.setdefault(label, []).append(bench.seconds[f'usnet-{model}-seed{seed}'])
+            add(f'fine-tuned {_epochs(epochs)}', epochs, f'finetune-{model}-{SORT}-{epochs}ep-seed{seed}',
+                bench.finetune(model, seed, checkpoints[seed], epochs, True))
+        add(f'fine-tuned {_epochs(longest)}, unsorted', longest, f'finetune-{model}-unsorted-{longest}ep-seed{seed}',
+            bench.finetune(model, seed, checkpoints[seed], longest, False))
+        add(f'US-Net from scratch, {_epochs(args.epochs)}', args.epochs, f'usnet-{model}-seed{seed}',
+            bench.scratch(model, seed))
         for width in WIDTHS[:-1]:
             natives[width].append(bench.native(model, width, seed)[0])
-    native_cost = [bench.seconds[f'native-{model}-1-seed{s}'] for s in args.seeds]
+    native_minutes = [bench.seconds[f'native-{model}-1-seed{s}'] / 60 for s in args.seeds]
     return {'no_training': {m: _per_width(r) for m, r in no_training.items()},
             'finetune': {label: _per_width(r) for label, r in candidates.items()},
-            'natives': natives, 'costs': {label: statistics.mean(v) for label, v in costs.items()},
-            'native_cost': statistics.mean(native_cost)}
+            'natives': natives, 'epochs': epochs_of,
+            'minutes': {label: statistics.mean(v) for label, v in minutes.items()},
+            'native_minutes': statistics.mean(native_minutes)}
+
+
+def finetune_seeds_of(args: argparse.Namespace, model: str) -> List[int]:
+    """Seeds of (c) for ``model``: every plain ``SEED`` of --finetune-seeds and its ``MODEL:SEED``."""
+    seeds = [s.split(':')[-1] for s in args.finetune_seeds if ':' not in s or s.split(':')[0] == model]
+    return [int(s) for s in seeds]
+
+
+def _epochs(n: int) -> str:
+    return f'{n} epoch{"s" if n != 1 else ""}'
 
 
 def tables(model: str, result: dict, args: argparse.Namespace) -> Dict[str, str]:
@@ -192,12 +208,12 @@ def tables(model: str, result: dict, args: argparse.Namespace) -> Dict[str, str]
     rows = [[f'`{m}`' if m != 'unsorted' else 'unsorted', *(_cell(r[w]) for w in WIDTHS)]
             for m, r in result['no_training'].items()]
     no_training = markdown_table(['importance'] + head[1:], rows)
-    rows = [[f'sorted (`{SORT}`), no training', *(_cell(result['no_training'][SORT][w]) for w in WIDTHS), '0']]
+    rows = [[f'sorted (`{SORT}`), no training', *(_cell(result['no_training'][SORT][w]) for w in WIDTHS), '-']]
     for label, per_width in result['finetune'].items():
-        rows.append([label, *(_cell(per_width[w]) for w in WIDTHS), f'{result["costs"][label] / 60:.1f}'])
-    rows.append([f'natives, each alone, {args.epochs} epochs', *(_cell(result['natives'][w]) for w in WIDTHS),
-                 f'{result["native_cost"] / 60:.1f} (1.0 only)'])
-    finetune = markdown_table(['', *head[1:], 'training (CPU-min)'], rows)
+        rows.append([label, *(_cell(per_width[w]) for w in WIDTHS), f'{result["minutes"][label]:.1f}'])
+    rows.append([f'natives, each alone, {_epochs(args.epochs)}', *(_cell(result['natives'][w]) for w in WIDTHS),
+                 f'{result["native_minutes"]:.1f} (width 1)'])
+    finetune = markdown_table(['', *head[1:], 'training (min)'], rows)
     return {'no-training': no_training, 'finetune': finetune}
 
 
@@ -238,14 +254,17 @@ def plot(results: Dict[str, dict], args: argparse.Namespace, folder: str) -> Lis
         scratch = next(label for label in result['finetune'] if label.startswith('US-Net'))
         epochs = ', '.join(t.split()[1] for t in tuned)
         for width, color in zip(WIDTHS, ('C0', 'C1', 'C2', 'C3')):
-            axes.plot([0] + [result['costs'][label] / 60 for label in tuned],
+            axes.plot([0] + [result['epochs'][label] for label in tuned],
                       [_mean(result['no_training'][SORT][width])[0]] +
                       [_mean(result['finetune'][label][width])[0] for label in tuned],
                       '-o', color=color, label=f'{width:g}: fine-tuned (0, {epochs} ep)')
-            axes.plot([result['costs'][scratch] / 60], [_mean(result['finetune'][scratch][width])[0]], '*',
+            axes.plot([result['epochs'][scratch]], [_mean(result['finetune'][scratch][width])[0]], '*',
                       color=color, markersize=13, label=f'{width:g}: {scratch}')
-        axes.set(title=f'{model} (native pre-training: {result["native_cost"] / 60:.1f} CPU-min more)',
-                 xlabel='training, CPU-minutes', ylabel='top-1 (%)', ylim=(0, 100))
+        per_epoch = result['minutes'][scratch] / result['epochs'][scratch]
+        axes.set(title=f'{model}: before it, {args.epochs} native epochs (as long as '
+                       f'{result["native_minutes"] / per_epoch:.1f} US-Net epochs)',
+                 xlabel='US-Net training epochs (4 widths per step)', ylabel='top-1 (%)', ylim=(0, 100))
+        axes.title.set_fontsize(9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=6, loc='lower right', ncol=2)
     figure.suptitle('accuracy per width against training cost')
@@ -260,7 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument('--models', nargs='+', default=['mobilenetv2_100', 'resnet18'])
     parser.add_argument('--epochs', type=int, default=15, help='natives and the US-Net from scratch')
     parser.add_argument('--seeds', type=int, nargs='+', default=[42, 0], help='(a) and (b)')
-    parser.add_argument('--finetune-seeds', type=int, nargs='+', default=[42], help='(c)')
+    parser.add_argument('--finetune-seeds', nargs='+', default=['42'], metavar='[MODEL:]SEED',
+                        help='(c), for every model, or MODEL:SEED for one')
     parser.add_argument('--finetune-epochs', type=int, nargs='+', default=[1, 3, 5])
     parser.add_argument('--finetune-lr', type=float, default=0.01)
     parser.add_argument('--output', default='output/pretrained_benchmark')
@@ -278,9 +298,11 @@ def main(argv=None) -> int:
         print(f'{model} done after {(time.perf_counter() - started) / 60:.1f} min', flush=True)
     minutes = sum(bench.seconds.values()) / 60
     footer = (f'Top-1 (%) on the 360 digits test images; mean ± spread (population standard deviation) over '
-              f'seeds {", ".join(map(str, args.seeds))} for (a) and (b), {", ".join(map(str, args.finetune_seeds))} '
-              f'for (c). {minutes:.0f} CPU-minutes in all (1 thread, {platform.processor() or platform.machine()}, '
-              f'torch {torch.__version__}).')
+              f'seeds {", ".join(map(str, args.seeds))} for (a) and (b), '
+              + '; '.join(f'{", ".join(map(str, finetune_seeds_of(args, m)))} for (c) of {m}' for m in args.models)
+              + f'. {minutes:.0f} minutes of training and evaluation in all, one thread each (wall time on a '
+              f'shared {os.cpu_count()}-core machine, {platform.processor() or platform.machine()}, torch '
+              f'{torch.__version__}; times vary by a quarter with the load).')
     blocks = {}
     for model, result in results.items():
         for kind, text in tables(model, result, args).items():

@@ -343,6 +343,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path, case, messa
         load_initial_checkpoint(model, str(path))
 
 
+@pytest.mark.slow
 def test_recipe_starts_from_a_file_the_user_trained_and_sorts_it(tmp_path, capsys):
     native = tmp_path / 'native'
     assert main('snet', TINY + ['--widths', '1.0', '--output', str(native)]) == 0   # "the user's" model

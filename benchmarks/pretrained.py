@@ -37,7 +37,7 @@ from typing import Dict, List, Sequence, Tuple
 import timm
 import torch
 from accelerate import Accelerator
-from accuracy import ROOT, replace_block, train
+from accuracy import ROOT, add_run_flags, replace_block, train
 
 import timm_slim
 from timm_slim.train import evaluate, markdown_table, write_json
@@ -283,11 +283,7 @@ def main(argv=None) -> int:
                         help='(c), for every model, or MODEL:SEED for one')
     parser.add_argument('--finetune-epochs', type=int, nargs='+', default=[1, 3, 5])
     parser.add_argument('--finetune-lr', type=float, default=0.01)
-    parser.add_argument('--output', default='output/pretrained_benchmark')
-    parser.add_argument('--write-docs', action='store_true', help='rewrite the result blocks of docs/pretrained.md')
-    parser.add_argument('--fresh', action='store_true', help='train every run again, even those already in --output')
-    parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
-                        help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
+    add_run_flags(parser, 'output/pretrained_benchmark', 'docs/pretrained.md')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bench = Benchmark(args)

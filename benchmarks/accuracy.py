@@ -106,16 +106,29 @@ def _cell(row: dict) -> str:
     return f'{row["top1"]:.2f} ± {row["top1_std"]:.2f}' if len(row['top1_runs']) > 1 else f'{row["top1"]:.2f}'
 
 
-def write_docs(text: str, plot_source: str) -> None:
-    path = os.path.join(ROOT, 'docs', 'training.md')
+def add_run_flags(parser: argparse.ArgumentParser, output: str, page: str) -> None:
+    """The flags every benchmark of recipe runs takes: where runs live, reuse, the docs page."""
+    parser.add_argument('--output', default=output)
+    parser.add_argument('--write-docs', action='store_true', help=f'rewrite the results blocks of {page}')
+    parser.add_argument('--fresh', action='store_true', help='train every run again, even those already in --output')
+    parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
+                        help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
+
+
+def replace_block(path: str, begin: str, end: str, text: str) -> None:
+    """Rewrite what stands between the markers ``begin`` and ``end`` of a docs page."""
     with open(path) as handle:
         page = handle.read()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f'{path} has no {BEGIN} ... {END} block to rewrite')
-    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _m: f'{BEGIN}\n{text}\n{END}', page,
+    if begin not in page or end not in page:
+        raise SystemExit(f'{path} has no {begin} ... {end} block to rewrite')
+    page = re.sub(re.escape(begin) + '.*?' + re.escape(end), lambda _m: f'{begin}\n{text}\n{end}', page,
                   flags=re.S)
     with open(path, 'w') as handle:
         handle.write(page)
+
+
+def write_docs(text: str, plot_source: str) -> None:
+    replace_block(os.path.join(ROOT, 'docs', 'training.md'), BEGIN, END, text)
     os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', 'accuracy_benchmark.png'))
 
 
@@ -124,11 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--seeds', type=int, nargs='+', default=[42, 0], help='42 is the recipes\' own seed')
     parser.add_argument('--lr', type=float, default=None, help='for every model (default: the recipes\')')
-    parser.add_argument('--output', default='output/accuracy_benchmark')
-    parser.add_argument('--write-docs', action='store_true', help='rewrite the results block of docs/training.md')
-    parser.add_argument('--fresh', action='store_true', help='train every run again, even those already in --output')
-    parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
-                        help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
+    add_run_flags(parser, 'output/accuracy_benchmark', 'docs/training.md')
     args = parser.parse_args(argv)
     extra = [a for a in args.recipe_args if a != '--']
     common = ['--epochs', str(args.epochs), '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none',

@@ -25,7 +25,7 @@ MAX_LINES = 600
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ('foundations', ('timm_slim.width', 'timm_slim.names', 'timm_slim.layers')),
     ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.state', 'timm_slim.control',
-              'timm_slim.capture', 'timm_slim.features', 'timm_slim.convert')),
+              'timm_slim.capture', 'timm_slim.features', 'timm_slim.sorting', 'timm_slim.convert')),
     ('measuring, training, DS-Net', ('timm_slim.profile', 'timm_slim.data', 'timm_slim.train', 'timm_slim.dynamic')),
     ('files and the Hub', ('timm_slim.export', 'timm_slim.hub')),
     ('model names', ('timm_slim.models',)),

@@ -12,6 +12,7 @@ from .features import feature_channels
 from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import DS_MODELS, SLIM_MODELS
 from .profile import plot_widths, profile
+from .sorting import channel_importance, sort_channels
 from .width import WidthSpace
 
 __version__ = '0.1.0'
@@ -24,6 +25,7 @@ __all__ = [
     'add_gates',
     'calibrate_bn',
     'calibrate_routes',
+    'channel_importance',
     'channel_table',
     'export',
     'feature_channels',
@@ -39,6 +41,7 @@ __all__ = [
     'save_width',
     'set_width',
     'slimmify',
+    'sort_channels',
     'unwrap',
     'use_width',
 ]

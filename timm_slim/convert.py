@@ -8,7 +8,7 @@ Coupling and channel counts come from :mod:`timm_slim.channels`; the per-model s
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
@@ -20,6 +20,8 @@ from .channels import ChannelPlanner, UnsupportedModelError, trace_channels
 from .control import set_width
 from .features import FeatureNames, feature_groups, is_feature_model
 from .layers import BN_KINDS, SWITCHABLE, UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .sorting import DATA_DRIVEN
+from .sorting import sort_channels as _sort_channels
 from .state import SlimState, slim_layers
 from .width import Width, WidthSpace, width_key
 
@@ -74,6 +76,7 @@ def slimmify(
         width_range: Optional[Sequence[float]] = None,
         bn: Optional[str] = None,
         width: Optional[Width] = None,
+        sort_channels: Union[bool, str] = False,
 ) -> nn.Module:
     """Make a timm model slimmable, in place, and return it.
 
@@ -86,6 +89,9 @@ def slimmify(
         bn: ``'switchable'`` (private BN per width, the S-Net default) or ``'universal'``
             (shared affine, calibrated statistics, the US-Net default).
         width: the initial width (default: the largest).
+        sort_channels: reorder every channel group by importance first, so that narrow widths
+            of a trained model keep its most important channels (``timm_slim.sort_channels``):
+            True for ``'bn'``, or the name of a weight-based measure (``'l1'``, ``'l1-next'``).
 
     Returns:
         The same model object, now a supernet; its full width computes exactly what it
@@ -101,6 +107,12 @@ def slimmify(
     stages = model_stages(model)
     _check_modules(model)
     graph = trace_channels(model, stages)
+    if sort_channels:
+        importance = 'bn' if sort_channels is True else sort_channels
+        if importance in DATA_DRIVEN:
+            raise ValueError(f'slimmify(sort_channels={importance!r}): that importance is measured on images; call '
+                             f'timm_slim.sort_channels(model, {importance!r}, loader) before slimmify')
+        _sort_channels(model, importance, graph=graph)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     architecture = cfg.get('architecture')
     rule_names = FeatureNames(model).rule_names(graph) if is_feature_model(model) else None

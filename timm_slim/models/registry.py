@@ -12,6 +12,8 @@ the supernet of timm's feature model (:mod:`timm_slim.features`).
 it has no feature model (refused: gates route each input to its own channel counts). From a
 DS-Net repo it returns the gated supernet (``width='dynamic'``: routing) or a plain width. The
 names themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
+``sort_channels=True`` (or an importance name) reorders the base model's channels by importance
+before the conversion (``timm_slim.sort_channels``), to start a supernet from trained weights.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..names import DS_SUFFIX as DS_SUFFIX
 from ..names import SLIM_SUFFIX as SLIM_SUFFIX
 from ..names import supported_base_models as supported_base_models
 
-SLIM_KWARGS = ('width', 'widths', 'width_range', 'bn')
+SLIM_KWARGS = ('width', 'widths', 'width_range', 'bn', 'sort_channels')
 
 
 def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optional[ValueError]:
@@ -59,9 +61,13 @@ def _from_repo(pretrained: bool, kwargs: dict) -> bool:
 
 
 def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
-    def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, **kwargs):
+    def create(pretrained: bool = False, width=None, widths=None, width_range=None, bn=None, sort_channels=False,
+               **kwargs):
         kwargs.pop('pretrained_model_args', None)
         if _from_repo(pretrained, kwargs):
+            if sort_channels:
+                raise ValueError('sort_channels applies to a base model\'s weights; a timm_slim repo holds a '
+                                 'supernet (or a width) whose channels are already in their trained order')
             # fetch only the file of `width` (a plain model of that width) or, without one, the
             # supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
@@ -76,7 +82,7 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
             if clear is None:
                 raise
             raise clear from None
-        return slimmify(base, widths=widths, width_range=width_range, bn=bn, width=width)
+        return slimmify(base, widths=widths, width_range=width_range, bn=bn, width=width, sort_channels=sort_channels)
 
     create.__name__ = slim_name
     create.__qualname__ = slim_name

@@ -31,6 +31,7 @@ from ..layers import SWITCHABLE, UNIVERSAL
 from ..width import WidthSpace
 from .checkpoint import find_checkpoint
 from .engine import BN_STATS
+from .initial import WEIGHT_IMPORTANCES, check_initial_args, start_from_trained
 from .sampling import Sandwich
 
 METHODS = {'snet': 'S-Net', 'usnet': 'US-Net'}
@@ -76,6 +77,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     model = parser.add_argument_group('model')
     model.add_argument('--model', default=DEFAULT_MODEL, help='a *_slim name or any supported timm name')
     model.add_argument('--pretrained', action='store_true', help='start from the base model\'s timm weights')
+    model.add_argument('--initial-checkpoint', metavar='PATH', help='start from these weights: a safetensors or '
+                       'weights-only torch file of the base model or of a supernet (docs: From a trained model)')
+    model.add_argument('--sort-channels', nargs='?', const='bn', choices=WEIGHT_IMPORTANCES, metavar='IMPORTANCE',
+                       help='reorder the trained channels by importance first, so narrow widths keep the important '
+                            f'ones: {", ".join(WEIGHT_IMPORTANCES)} (no value: bn)')
     if method == 'snet':
         model.add_argument('--widths', type=float, nargs='+', help='the fixed list of widths')
         model.add_argument('--bn', choices=[SWITCHABLE, UNIVERSAL],
@@ -167,6 +173,7 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad input before anything heavy starts: one clear error naming the allowed values."""
+    check_initial_args(args)
     if args.method == 'snet':
         try:
             args.space = WidthSpace.from_args(widths=args.widths)
@@ -346,10 +353,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         model = timm.create_model(args.model, bn=bn, **space, **kwargs)
     else:
         model = slimmify(timm.create_model(args.model, **kwargs), bn=bn, **space)
-    if args.head_init_scale is not None and not args.pretrained:
+    if args.head_init_scale is not None and not args.pretrained and not args.initial_checkpoint:
         with torch.no_grad():
             for param in model.get_classifier().parameters():
                 param.mul_(args.head_init_scale)
+    start_from_trained(model, args.initial_checkpoint, args.sort_channels)
     return model
 
 

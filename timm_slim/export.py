@@ -33,7 +33,8 @@ FORMAT_KEY = 'timm_slim'
 FORMAT_VERSION = 1
 # Arguments of the *_slim / *_ds names that are timm_slim's own (the width space, DS-Net gates),
 # not the base model's.
-SLIM_ARGS = ('width', 'widths', 'width_range', 'bn', 'sort_channels', 'pretrained_cfg', 'pretrained_cfg_overlay', *GATE_ARGS)
+SLIM_ARGS = ('width', 'widths', 'width_range', 'bn', 'sort_channels', 'pretrained_cfg', 'pretrained_cfg_overlay',
+             *GATE_ARGS)
 
 
 def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:

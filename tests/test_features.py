@@ -188,7 +188,12 @@ def test_a_gated_backbone_at_a_static_width_is_the_slim_backbone_of_that_width(n
     with the same weights, says the same channels, exports to the same plain timm feature model,
     and a static backward reaches every trainable parameter (the decision heads wait, frozen)."""
     torch.manual_seed(0)
-    gated = timm.create_model(f'{name}_ds', features_only=True, width=0.5, **kwargs, **gates)
+    if kwargs.get('feature_cls') == 'hook':   # the other spelling: gates on a feature model built with timm
+        gated = timm_slim.add_gates(timm_slim.slimmify(timm.create_model(name, features_only=True, **kwargs)),
+                                    **gates)
+        timm_slim.set_width(gated, 0.5)
+    else:
+        gated = timm.create_model(f'{name}_ds', features_only=True, width=0.5, **kwargs, **gates)
     slim = timm.create_model(f'{name}_slim', features_only=True, width=0.5, **kwargs)
     assert type(gated) is type(slim) and timm_slim.get_width(gated) == 0.5
     weights = {k: v for k, v in gated.state_dict().items() if not k.startswith('gates.')}
@@ -323,6 +328,19 @@ def test_capture_of_a_dynamic_backbone_is_refused_and_a_static_one_traces():
     timm_slim.calibrate_bn(model, [x], widths=[0.5], num_images=2)
     graph = torch.fx.symbolic_trace(model)   # a static width: timm's feature forward at that width
     assert max_diff(list(graph(x)), outputs(model, x)) < 1e-5
+
+
+def test_a_gated_backbone_saves_and_loads_with_its_gates(tmp_path):
+    model = _gated_backbone('mobilenetv2_100', dict(out_indices=(1, 2, 4)), dict(at=(2, 4)))
+    timm_slim.save_supernet(model, tmp_path / 's.safetensors')
+    loaded = timm_slim.load(tmp_path / 's.safetensors').double().eval()
+    assert type(loaded) is type(model) and loaded.ds.config() == model.ds.config()
+    x = batches(1, 32)[0].double()
+    for net in (model, loaded):
+        timm_slim.set_width(net, 'dynamic')
+    got, expected = outputs(loaded, x), outputs(model, x)
+    assert torch.equal(loaded.ds.last.routes, model.ds.last.routes)
+    assert max_diff(got, expected) < 1e-5
 
 
 def test_gates_a_backbone_cannot_use_are_refused_with_the_allowed_values():

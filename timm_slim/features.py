@@ -136,11 +136,16 @@ def feature_channels(model: nn.Module, width: Optional[Width] = None) -> List[in
 
     On a feature model (``features_only=True``) these are its ``out_indices`` features, what
     ``model.feature_info.channels()`` gives at the active width; on a classifier, the entries of
-    its ``feature_info`` (what ``forward_intermediates`` returns). The width is not switched.
+    its ``feature_info`` (what ``forward_intermediates`` returns). The width is not switched. In a
+    width mode (DS-Net's ``'dynamic'``) a feature model returns full-width features, each input's
+    channels beyond its route's width zero: these are the full width's channels.
     """
     net = unwrap(model)
     state = net.slim
-    counts = state.counts(state.check(state.width if width is None else width))
+    width = state.width if width is None else width
+    if isinstance(width, str):   # a width mode (DS-Net's 'dynamic') returns features at the full width's channels
+        width = 1.0
+    counts = state.counts(state.check(width))
     dicts = feature_dicts(net)
     if not dicts:
         raise ValueError(f'{type(net).__name__} has no feature_info')
@@ -174,15 +179,19 @@ def check_out_indices(out_indices: object, num_features: int, name: str) -> None
         raise ValueError(f'out_indices {out_indices!r}: {", ".join(map(str, bad))} out of range; {allowed}')
 
 
-def gates_refusal(what: str) -> str:
-    """Why DS-Net gates cannot route a feature model (``what``: the model, in words)."""
-    return (f'DS-Net gates cannot route {what}: each input would take its own width, so one batch\'s '
-            f'features would have different channel counts per input, and a neck built on the backbone needs '
-            f'one count per feature. Use a <base>_slim feature model (a per-stage width sets each stage '
-            f'statically) or gates on the classifier')
+def feature_stages(model: nn.Module) -> Tuple[int, ...]:
+    """The stage (index into ``model.slim.stages``) that computes each feature a feature model
+    returns (its ``out_indices`` entries), -1 for one computed before the first stage (the stem).
 
-
-def refuse_gates(model: nn.Module) -> None:
-    """Refuse DS-Net gates on a feature model (see :func:`gates_refusal`)."""
-    if is_feature_model(model):
-        raise ValueError(gates_refusal(f'a feature model ({type(model).__name__})'))
+    DS-Net gates (:mod:`timm_slim.dynamic`) read it: a gate may only sit where a returned
+    feature follows it.
+    """
+    names = FeatureNames(model)
+    bases = [names.to_base(stage) for stage in model.slim.stages]
+    dicts = feature_dicts(model)
+    found = []
+    for index in model.feature_info.out_indices:
+        module = dicts[index].get('module', '')
+        inside = [i for i, base in enumerate(bases) if module == base or module.startswith(base + '.')]
+        found.append(inside[0] if inside else -1)
+    return tuple(found)

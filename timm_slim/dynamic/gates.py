@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from ..channels import UnsupportedModelError
-from ..features import refuse_gates
+from ..features import is_feature_model
 from ..layers import SlimConv2d, SlimLinear
 from ..state import slim_layers, unwrap
+from . import backbone
 from .routing import install_forward
 from .state import DYNAMIC as DYNAMIC  # re-exported: these lived here before timm_slim.dynamic.state
 from .state import Decisions as Decisions
@@ -72,18 +73,39 @@ class Gate(nn.Module):
         return list(self.fc2.parameters())
 
 
+class Gates(nn.ModuleDict):
+    """``model.gates``: gate stage (str) -> :class:`Gate`.
+
+    Calling it passes its input through: timm's ``ModuleDict`` feature wrappers
+    (``FeatureListNet``, ``FeatureDictNet``, ``FeatureHookNet``) call every child in order, and
+    the gates, added last, must not change their features (the gates act through pre-hooks on
+    their stages, :mod:`.backbone`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def _stage_names(net: nn.Module) -> str:
     return ', '.join(f'{i}: {name}' for i, name in enumerate(net.slim.stages))
 
 
-def default_gate_stages(net: nn.Module) -> Tuple[int, ...]:
-    """ResNet: stages 1, 2, 3 (layer2..layer4); EfficientNet/MobileNet: one gate at the middle
-    stage, ``num_stages // 2`` (DS-MBNet runs its first blocks narrow and gates once further in)."""
+def _classifier_stages(model: nn.Module, num_stages: int) -> Tuple[int, ...]:
     from timm.models.resnet import ResNet
 
-    if isinstance(net, ResNet):
-        return tuple(range(1, net.slim.num_stages))
-    return (net.slim.num_stages // 2,)
+    if isinstance(model, ResNet):
+        return tuple(range(1, num_stages))
+    return (num_stages // 2,)
+
+
+def default_gate_stages(net: nn.Module) -> Tuple[int, ...]:
+    """ResNet: stages 1, 2, 3 (layer2..layer4); EfficientNet/MobileNet: one gate at the middle
+    stage, ``num_stages // 2`` (DS-MBNet runs its first blocks narrow and gates once further in).
+    A feature model: those of its classifier up to its last returned feature's stage (that stage
+    itself where every one lies beyond it)."""
+    if is_feature_model(net):
+        return backbone.default_stages(net, _classifier_stages)
+    return _classifier_stages(net, net.slim.num_stages)
 
 
 def _check_choices(net: nn.Module, choices: Sequence[float]) -> Tuple[float, ...]:
@@ -150,10 +172,12 @@ def add_gates(
     """Give a supernet DS-Net gates, in place, and return it.
 
     Args:
-        model: a supernet (``slimmify`` or a ``*_slim`` model; wrappers are accepted).
+        model: a supernet (``slimmify`` or a ``*_slim`` model; wrappers are accepted), a
+            classifier or a feature model (``features_only=True``, see :mod:`.backbone`).
         choices: the widths a gate chooses among; each must be in the supernet's width space.
         at: stage indices (into ``model.slim.stages``) that get a gate. Default: ResNet 1, 2, 3
-            (layer2..layer4); EfficientNet/MobileNet ``num_stages // 2``.
+            (layer2..layer4); EfficientNet/MobileNet ``num_stages // 2``. On a feature model a
+            gate must come before its last returned feature's stage ends.
         fixed: the width of the stages before the first gate (default: the smallest choice).
         se: double-headed gates, whose SE head scales the stage input by ``1 + tanh(.)``.
         tau: Gumbel-softmax temperature used while training the gates.
@@ -166,14 +190,17 @@ def add_gates(
         them; ``gate_training_mode`` and ``freeze_backbone`` make them trainable for Stage II.
     """
     net = unwrap(model)
-    refuse_gates(net)
     if hasattr(net, 'ds'):
         raise ValueError('the model already has gates')
     if net.slim.space.high != 1.0:
         raise ValueError(f'DS-Net gates need a supernet whose widths include 1.0 (the masked training runs the '
                          f'full width); this one takes {net.slim.space.describe()}')
+    if is_feature_model(net):
+        backbone.last_gate_stage(net)   # refuses an FX graph, and features no gate can precede
     checked = _check_choices(net, choices)
     stages = _check_stages(net, default_gate_stages(net) if at is None else at)
+    if is_feature_model(net):
+        backbone.check_stages(net, stages)
     fixed = checked[0] if fixed is None else net.slim.space.check_uniform(fixed)
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
         raise ValueError(f'the Gumbel-softmax temperature tau must be a positive number, got {tau!r}')
@@ -184,7 +211,7 @@ def add_gates(
     _check_segments(net, ds)
     state = net.slim
     full = state.counts(1.0)
-    gates = nn.ModuleDict()
+    gates = Gates()
     for stage in stages:
         channels = full[state.graph.module_out[state.stages[stage - 1]]]
         hidden = max(16, make_divisible(channels / reduction, 8))
@@ -196,8 +223,12 @@ def add_gates(
         if isinstance(layer, (SlimConv2d, SlimLinear)) and ds.segment_of_stage(state.graph.stage_of[name]):
             # inputs take different routes: keep a contiguous slice per (input, output) choice pair
             layer._cache.capacity = ds.num_choices ** 2
-    install_forward(net)
-    net.slim.extras = EXTRAS
+    if is_feature_model(net):   # timm's feature forward, the gates as pre-hooks on their stages
+        backbone.install_backbone_forward(net)
+        net.slim.extras = backbone.FEATURE_EXTRAS
+    else:
+        install_forward(net)
+        net.slim.extras = EXTRAS
     for parameter in gate_parameters(net):
         # A static width never runs the decision heads: frozen until Stage II (gate_training_mode,
         # freeze_backbone), so that every trainable parameter gets a gradient and DDP needs no

@@ -36,8 +36,9 @@ import torch.nn as nn
 from torch.fx import Proxy
 
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
+from ..features import is_feature_model
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
-from ..state import slim_layers
+from ..state import feature_dicts, slim_layers
 from ..width import format_width
 from .state import DYNAMIC, Decisions, DynamicState
 
@@ -155,6 +156,11 @@ def enable_dynamic(model: nn.Module) -> str:
                          "or create a '<base>_ds' model; a supernet without gates takes "
                          f'{net.slim.space.describe()}')
     net.slim.width = DYNAMIC
+    if is_feature_model(net):   # it returns full-width features (zero beyond each input's route): say so
+        full = net.slim.counts(1.0)
+        for info, group in zip(feature_dicts(net), net.slim.feature_groups):
+            if group is not None:
+                info['num_chs'] = full[group]
     return DYNAMIC
 
 

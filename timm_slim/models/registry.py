@@ -8,10 +8,12 @@ repo (``'hf-hub:org/repo'``, ``pretrained=True``) it returns the published super
 ``features_only=True`` (with timm's ``out_indices``, ``feature_cls``, ``output_stride``, ...) gives
 the supernet of timm's feature model (:mod:`timm_slim.features`).
 ``'<base>_ds'`` is the same supernet with DS-Net gates (``timm_slim.add_gates``: ``choices``,
-``at``, ``fixed``, ``se``, ``tau``, ``reduction``); ``width='dynamic'`` starts it in dynamic mode;
-it has no feature model (refused: gates route each input to its own channel counts). From a
-DS-Net repo it returns the gated supernet (``width='dynamic'``: routing) or a plain width. The
-names themselves (which bases, the aliases) come from :mod:`timm_slim.names`.
+``at``, ``fixed``, ``se``, ``tau``, ``reduction``); ``width='dynamic'`` starts it in dynamic mode.
+With ``features_only=True`` it is the gated feature supernet (:mod:`timm_slim.dynamic.backbone`):
+at a static width the ``*_slim`` feature model of that width; in dynamic mode full-width features,
+each input's channels beyond its route's width zero. From a DS-Net repo it returns the gated
+supernet (``width='dynamic'``: routing) or a plain width. The names themselves (which bases,
+the aliases) come from :mod:`timm_slim.names`.
 ``sort_channels=True`` (or an importance name) reorders the base model's channels by importance
 before the conversion (``timm_slim.sort_channels``), to start a supernet from trained weights.
 """
@@ -29,7 +31,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from ..control import set_width
 from ..convert import slimmify
 from ..dynamic import GATE_ARGS, add_gates
-from ..features import check_out_indices, gates_refusal
+from ..features import check_out_indices
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
@@ -96,8 +98,6 @@ def _ds_entrypoint(ds_name: str, base_name: str) -> Callable[..., Any]:
 
     def create(pretrained: bool = False, width=None, choices=None, at=None, fixed=None, se=None, tau=None,
                reduction=None, **kwargs):
-        if kwargs.get('features_only'):
-            raise ValueError(gates_refusal(f'{ds_name} with features_only=True'))
         given = dict(choices=choices, at=at, fixed=fixed, se=se, tau=tau, reduction=reduction)
         given = {k: v for k, v in given.items() if v is not None}
         if _from_repo(pretrained, kwargs):

@@ -24,8 +24,8 @@ MAX_LINES = 600
 # ``timm_slim`` names only its own __init__). docs/architecture.md draws the same table.
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ('foundations', ('timm_slim.width', 'timm_slim.names', 'timm_slim.layers')),
-    ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.state', 'timm_slim.control',
-              'timm_slim.convert')),
+    ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.plan', 'timm_slim.state',
+              'timm_slim.control', 'timm_slim.convert')),
     ('measuring, training, DS-Net', ('timm_slim.profile', 'timm_slim.data', 'timm_slim.train', 'timm_slim.dynamic')),
     ('files and the Hub', ('timm_slim.export', 'timm_slim.hub')),
     ('model names', ('timm_slim.models',)),

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
-from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from ..convert import model_family
+from ..layers import SlimBatchNorm2d, SlimConv2d, SlimGroupNorm, SlimLinear
 from ..state import slim_layers
 from .state import DYNAMIC, Decisions, DynamicState
 
@@ -44,6 +45,7 @@ _WIDTH_ATTRS = {
     SlimConv2d: ('out_active',),
     SlimLinear: ('out_active',),
     SlimBatchNorm2d: ('active_channels', 'is_full', 'width_key', 'width_label', 'private_key'),
+    SlimGroupNorm: ('active_channels',),
 }
 
 
@@ -65,16 +67,41 @@ def _head_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.forward_head(x)
 
 
+def _stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.stem(x)
+
+
+def _regnet_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.final_conv(x))
+
+
+def _resnetv2_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.forward_head(m.norm(x))
+
+
+def _senet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.pool0(m.layer0(x))
+
+
+def _ghostnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.act1(m.bn1(m.conv_stem(x)))
+
+
+# (stem, tail) of ``forward`` around the stages, per model family: forward = tail(stages(stem(x))).
+_FAMILIES = {
+    'resnet': (_resnet_stem, _head_tail),
+    'resnetv2': (_stem, _resnetv2_tail),
+    'regnet': (_stem, _regnet_tail),
+    'senet': (_senet_stem, _head_tail),
+    'efficientnet': (_efficientnet_stem, _efficientnet_tail),
+    'mobilenetv3': (_efficientnet_stem, _head_tail),
+    'ghostnet': (_ghostnet_stem, _head_tail),
+}
+
+
 def _family(net: nn.Module) -> Tuple[Callable, Callable]:
     """(stem, tail) of ``forward`` around the stages: forward = tail(stages(stem(x)))."""
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.resnet import ResNet
-
-    if isinstance(net, ResNet):
-        return _resnet_stem, _head_tail
-    if isinstance(net, EfficientNet):
-        return _efficientnet_stem, _efficientnet_tail
-    return _efficientnet_stem, _head_tail  # MobileNetV3
+    return _FAMILIES[model_family(net)]
 
 
 class _Runner:
@@ -213,6 +240,9 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for j, gate_stage in enumerate(ds.gate_stages):
             following = []
             for prefix, index, h, logits in groups:
+                # this route's settings of the segment so far: its norms of the stage output (a
+                # pre-activation norm) run in the next segment's first block
+                plans.apply(j, prefix)
                 gate_logits, h = run.gates[gate_stage](h)
                 logits = [*logits, gate_logits]
                 choice = gate_logits.argmax(1)
@@ -280,6 +310,10 @@ class _Masking:
             for name, layer in layers:
                 if isinstance(layer, SlimBatchNorm2d):
                     group, full = graph.norm_group[name], layer.num_features
+                elif isinstance(layer, SlimGroupNorm):
+                    # statistics of whole groups: the masked channels' groups are all zero, and the
+                    # mask zeroes their output (the bias) again
+                    group, full = graph.norm_group[name], layer.num_channels
                 else:
                     group = graph.layer_out[name]
                     full = layer.out_channels if isinstance(layer, SlimConv2d) else layer.out_features

@@ -36,6 +36,21 @@ def _copy_like(view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return view.clone(memory_format=torch.contiguous_format)
 
 
+def select(weight: torch.Tensor, bias: Optional[torch.Tensor], out: int, inp: int,
+           out_index: Optional[torch.Tensor] = None,
+           in_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The active part of a weight (and bias): leading rows and columns, or the listed ones."""
+    if out_index is not None and out_index.device != weight.device:
+        out_index = out_index.to(weight.device)
+    if in_index is not None and in_index.device != weight.device:
+        in_index = in_index.to(weight.device)
+    rows = weight[:out] if out_index is None else weight.index_select(0, out_index)
+    view = rows[:, :inp] if in_index is None else rows.index_select(1, in_index)
+    if bias is not None:
+        bias = bias[:out] if out_index is None else bias.index_select(0, out_index)
+    return view, bias
+
+
 class SliceCache:
     """Caches ``weight[:out, :inp]`` (and ``bias[:out]``) of one layer for the last ``capacity``
     (out, inp) pairs, least recently used first out. One by default; a DS-Net supernet, whose
@@ -48,32 +63,38 @@ class SliceCache:
     @property
     def _tensors(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The most recently used copy."""
-        return next(reversed(self._entries.values()), (None, None))
+        return next(reversed(self._entries.values()), (None, None))[:2]
 
     def clear(self) -> None:
         self._entries.clear()
 
-    def get(self, layer: nn.Module, out: int, inp: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def get(self, layer: nn.Module, out: int, inp: int, out_index: Optional[torch.Tensor] = None,
+            in_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``weight[:out, :inp]`` and ``bias[:out]``; rows (columns) ``out_index`` (``in_index``)
+        instead where a group's channels are not its leading ones (a concatenation's parts)."""
         weight, bias = layer.weight, layer.bias
-        if out == weight.shape[0] and inp == weight.shape[1]:
+        if out == weight.shape[0] and inp == weight.shape[1] and out_index is None and in_index is None:
             return weight, bias
         if torch.is_grad_enabled() and weight.requires_grad:
-            return weight[:out, :inp], None if bias is None else bias[:out]
+            return select(weight, bias, out, inp, out_index, in_index)
         # A copy made under inference_mode is an inference tensor that autograd may not save,
         # so copies made inside and outside inference_mode are never shared.
-        key = (out, inp, weight.data_ptr(), weight._version, weight.device, weight.dtype,
-               None if bias is None else (bias.data_ptr(), bias._version), torch.is_inference_mode_enabled())
-        tensors = self._entries.get(key)
-        if tensors is None:
-            tensors = self._entries[key] = (
-                _copy_like(weight[:out, :inp], weight),
-                None if bias is None else bias[:out].clone(),
+        key = (out, inp, id(out_index), id(in_index), weight.data_ptr(), weight._version, weight.device,
+               weight.dtype, None if bias is None else (bias.data_ptr(), bias._version),
+               torch.is_inference_mode_enabled())
+        entry = self._entries.get(key)
+        if entry is None or entry[2] is not out_index or entry[3] is not in_index:   # ids of freed indices recur
+            view, view_bias = select(weight, bias, out, inp, out_index, in_index)
+            entry = self._entries[key] = (
+                _copy_like(view, weight),
+                None if view_bias is None else view_bias.clone(),
+                out_index, in_index,
             )
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-        return tensors
+        return entry[0], entry[1]
 
 
 class SlicedWeights:
@@ -89,6 +110,18 @@ class SlicedWeights:
         layer.__class__ = cls
         layer._twin_cls = twin_cls
         layer.out_active = None
+        layer.out_index = layer.in_index = None   # set by set_width where a group is not a leading slice
         layer.full_out = layer.weight.shape[0]
         layer._cache = SliceCache()
         return layer
+
+
+def copy_weights(layer: nn.Module, plain: nn.Module, out: int, inp: int,
+                 in_index: Optional[torch.Tensor]) -> nn.Module:
+    """Give ``plain`` (a twin built on the meta device) copies of ``layer``'s active weights."""
+    weight, bias = select(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), out, inp,
+                          layer.out_index, in_index)
+    plain.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.clone(), requires_grad=layer.bias.requires_grad)
+    return plain

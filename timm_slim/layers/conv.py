@@ -14,9 +14,10 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import StdConv2d
 from timm.layers.padding import pad_same
 
-from .cache import SlicedWeights
+from .cache import SlicedWeights, copy_weights
 
 
 class SlimConv2d(SlicedWeights, nn.Conv2d):
@@ -26,12 +27,20 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
     def convert(cls, conv: nn.Conv2d) -> SlimConv2d:
         """Turn ``conv`` into a slim layer in place: same parameters, same state-dict keys."""
         conv._same_pad = type(conv).__name__ == 'Conv2dSame'
+        # timm's StdConv2d: every output filter standardised over the input channels it has now
+        conv._std_eps = conv.eps if isinstance(conv, StdConv2d) else None
         return super().convert(conv)
 
     @property
     def follows_input(self) -> bool:
         """Grouped/depthwise: the output count is decided by the input count."""
         return self.groups > 1
+
+    @property
+    def _in_index(self):
+        """Input channels to pick from the weight: none for a grouped conv (its weight holds one
+        group's inputs; which groups run is ``out_index``)."""
+        return None if self.follows_input else self.in_index
 
     def active_shape(self, in_channels: int) -> Tuple[int, int, int]:
         """(out_channels, in_channels_per_group, groups) when fed ``in_channels`` channels."""
@@ -44,7 +53,10 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, in_per_group, groups = self.active_shape(x.shape[1])
-        weight, bias = self._cache.get(self, out, in_per_group)
+        weight, bias = self._cache.get(self, out, in_per_group, self.out_index, self._in_index)
+        if self._std_eps is not None:
+            weight = F.batch_norm(weight.reshape(1, out, -1), None, None, training=True, momentum=0.,
+                                  eps=self._std_eps).reshape_as(weight)
         if self._same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
@@ -53,12 +65,10 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
         """A plain torch/timm conv of the active width holding a copy of the sliced weights."""
         out, in_per_group, groups = self.active_shape(in_channels)
         kwargs = dict(stride=self.stride, dilation=self.dilation, groups=groups, bias=self.bias is not None)
-        if not self._same_pad:
+        if self._std_eps is not None:
+            kwargs.update(padding=self.padding, eps=self._std_eps)
+        elif not self._same_pad:
             kwargs.update(padding=self.padding, padding_mode=self.padding_mode)
         with torch.device('meta'):
             plain = self._twin_cls(in_channels, out, self.kernel_size, **kwargs)
-        plain.weight = nn.Parameter(self.weight[:out, :in_per_group].detach().clone(),
-                                    requires_grad=self.weight.requires_grad)
-        if self.bias is not None:
-            plain.bias = nn.Parameter(self.bias[:out].detach().clone(), requires_grad=self.bias.requires_grad)
-        return plain
+        return copy_weights(self, plain, out, in_per_group, self._in_index)

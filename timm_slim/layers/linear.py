@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import SlicedWeights
+from .cache import SlicedWeights, copy_weights
 
 
 class SlimLinear(SlicedWeights, nn.Linear):
@@ -14,7 +14,7 @@ class SlimLinear(SlicedWeights, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.out_features if self.out_active is None else self.out_active
-        weight, bias = self._cache.get(self, out, x.shape[-1])
+        weight, bias = self._cache.get(self, out, x.shape[-1], self.out_index, self.in_index)
         return F.linear(x, weight, bias)
 
     def twin(self, in_features: int) -> nn.Linear:
@@ -22,8 +22,4 @@ class SlimLinear(SlicedWeights, nn.Linear):
         out = self.out_features if self.out_active is None else self.out_active
         with torch.device('meta'):
             plain = self._twin_cls(in_features, out, bias=self.bias is not None)
-        plain.weight = nn.Parameter(self.weight[:out, :in_features].detach().clone(),
-                                    requires_grad=self.weight.requires_grad)
-        if self.bias is not None:
-            plain.bias = nn.Parameter(self.bias[:out].detach().clone(), requires_grad=self.bias.requires_grad)
-        return plain
+        return copy_weights(self, plain, out, in_features, self.in_index)

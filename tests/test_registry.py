@@ -74,7 +74,7 @@ def test_every_registered_name_converts_and_slims():
             with torch.device('meta'):
                 model = timm.create_model(name, num_classes=10)
             assert model.slim.architecture == SLIM_MODELS[name]
-            size = 64 if name.startswith('ghostnetv2') else 32   # its attention pools the last stage by 2
+            size = 64 if name.startswith(('ghostnetv2', 'ghostnetv3')) else 32   # their attention pools by 2
             macs = []
             for width in (0.25, 0.5, 0.75, 1.0):
                 timm_slim.set_width(model, width)

@@ -26,7 +26,8 @@ from .channels import ChannelGraph, Group
 from .width import Width, stage_widths
 
 # Widths at which timm must be able to build a model for its rule to plan the supernet: timm's
-# EdgeTPU-V2 asserts that its group size divides counts that narrower multipliers do not give.
+# EdgeTPU-V2 asserts that its group size divides counts that narrower multipliers do not give
+# (a width elsewhere that timm cannot build takes the generic rule).
 _PROBE_WIDTHS = (0.25, 0.5, 0.75)
 
 
@@ -78,6 +79,14 @@ class ChannelPlanner:
             return None
         return rule
 
+    def _native(self, width: float) -> Optional[List[int]]:
+        """timm's counts at ``width``, or None where timm's own checks refuse to build the model
+        (EdgeTPU-V2 at some widths): those widths take the generic rule."""
+        try:
+            return self.rule.counts(width)
+        except AssertionError:
+            return None
+
     def _generic_count(self, group: Group, width: float) -> int:
         if width >= 1.0:
             return group.base   # make_divisible would round a base that is no multiple of 8 (pruned models)
@@ -91,12 +100,12 @@ class ChannelPlanner:
             self._tables.move_to_end(key)
             return self._tables[key]
         widths = stage_widths(width, self.graph.num_stages)
-        native = {w: self.rule.counts(w) for w in set(widths)} if self.rule is not None else {}
+        native = {w: self._native(w) for w in set(widths)} if self.rule is not None else {}
         counts = {}
         for root, group, members in self._members:
             if group.fixed:
                 counts[root] = group.base
-            elif self.rule is not None:
+            elif self.rule is not None and all(native[widths[stage]] is not None for stage, _ in members):
                 count = max(native[widths[stage]][slot] for stage, slot in members)
                 count = -(-count // group.required) * group.required   # whole groups (timm's own already are)
                 counts[root] = min(group.base, count)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .control import get_width, unwrap, use_width
 from .convert import slimmify
 from .dynamic import GATE_ARGS, add_gates
-from .layers import SlimBatchNorm2d
+from .layers import SlimBatchNorm2d, SlimGroupNorm
 from .state import channel_table, slim_layers
 from .width import Width, format_width
 
@@ -55,7 +55,7 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
         memo: Dict[int, Any] = {id(state): None}
         memo.update({id(getattr(net, name)): None for name in state.extras})
         for name, layer in slim_layers(net):
-            if isinstance(layer, SlimBatchNorm2d):
+            if isinstance(layer, (SlimBatchNorm2d, SlimGroupNorm)):
                 memo[id(layer)] = layer.twin()
             else:
                 memo[id(layer)] = layer.twin(state.layer_io(name, counts)[0])

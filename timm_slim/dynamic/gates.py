@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from ..channels import UnsupportedModelError
+from ..convert import is_resnet_like
 from ..features import refuse_gates
 from ..layers import SlimConv2d, SlimLinear
 from ..state import slim_layers, unwrap
@@ -77,11 +78,10 @@ def _stage_names(net: nn.Module) -> str:
 
 
 def default_gate_stages(net: nn.Module) -> Tuple[int, ...]:
-    """ResNet: stages 1, 2, 3 (layer2..layer4); EfficientNet/MobileNet: one gate at the middle
-    stage, ``num_stages // 2`` (DS-MBNet runs its first blocks narrow and gates once further in)."""
-    from timm.models.resnet import ResNet
-
-    if isinstance(net, ResNet):
+    """ResNet (and the other ResNet designs: ResNetV2, RegNet, SENet): stages 1, 2, 3 (layer2..layer4);
+    EfficientNet/MobileNet: one gate at the middle stage, ``num_stages // 2`` (DS-MBNet runs its
+    first blocks narrow and gates once further in)."""
+    if is_resnet_like(net):
         return tuple(range(1, net.slim.num_stages))
     return (net.slim.num_stages // 2,)
 
@@ -172,6 +172,10 @@ def add_gates(
     if net.slim.space.high != 1.0:
         raise ValueError(f'DS-Net gates need a supernet whose widths include 1.0 (the masked training runs the '
                          f'full width); this one takes {net.slim.space.describe()}')
+    if net.slim.planner.has_layouts:
+        raise UnsupportedModelError(
+            f'DS-Net gates are not implemented for {net.slim.architecture or type(net).__name__}: it concatenates '
+            f'channel groups (GhostNet), and the masked training of the gates keeps leading channels only')
     checked = _check_choices(net, choices)
     stages = _check_stages(net, default_gate_stages(net) if at is None else at)
     fixed = checked[0] if fixed is None else net.slim.space.check_uniform(fixed)

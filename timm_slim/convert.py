@@ -4,9 +4,10 @@ The families are the model classes of timm's ``resnet``, ``resnetv2``, ``regnet`
 ``efficientnet``, ``mobilenetv3`` and ``ghostnet`` modules (docs/families.md). The model keeps
 its class, its module tree and its state-dict keys; only its ``nn.Conv2d`` (and ``StdConv2d``),
 ``nn.Linear``, BatchNorm and GroupNorm layers become their slim twins (``timm_slim.layers``), in
-place, and a ``BlurPool2d`` switches to timm's own any-channel-count mode. Coupling comes from
-:mod:`timm_slim.channels`, channel counts from :mod:`timm_slim.plan`; the per-model state
-(width space, channel plan, active width) lives in ``model.slim`` (:mod:`timm_slim.state`).
+place, and a ``BlurPool2d`` switches to timm's own any-channel-count mode (``SlimBlurPool2d``).
+Coupling comes from :mod:`timm_slim.channels`, channel counts from :mod:`timm_slim.plan`; the
+per-model state (width space, channel plan, active width) lives in ``model.slim``
+(:mod:`timm_slim.state`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from .capture import install_guard
 from .channels import CHANNEL_KEEPING, UnsupportedModelError, trace_channels
 from .control import set_width
 from .features import FeatureNames, feature_groups, is_feature_model
-from .layers import BN_KINDS, SLIM_LAYERS, SWITCHABLE, UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimGroupNorm, SlimLinear
+from .layers import (
+    BN_KINDS,
+    SLIM_LAYERS,
+    SWITCHABLE,
+    UNIVERSAL,
+    SlimBatchNorm2d,
+    SlimBlurPool2d,
+    SlimConv2d,
+    SlimGroupNorm,
+    SlimLinear,
+)
 from .plan import ChannelPlanner
 from .state import SlimState, slim_layers
 from .width import Width, WidthSpace, width_key
@@ -165,9 +176,9 @@ def slimmify(
                       stages=stages, width=space.high, in_chans=in_chans,
                       feature_groups=feature_groups(model, graph))
     for _name, module in list(model.named_modules()):
-        if isinstance(module, BlurPool2d) and module.channels is not None:
+        if isinstance(module, BlurPool2d):
             # timm's any-count mode: one (1, 1, k, k) filter expanded to the input's channels
-            module.channels, module.filt = None, module.filt[:1].clone()
+            SlimBlurPool2d.convert(module)
         elif isinstance(module, _NORM_CLASSES):
             SlimBatchNorm2d.convert(module, bn)
         elif isinstance(module, _GROUP_NORM_CLASSES):

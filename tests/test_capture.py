@@ -40,6 +40,33 @@ def test_snet_and_a_backbone_trace_and_script_at_a_width():
     assert [f.shape[1] for f in expected] == [32, 128]
 
 
+@pytest.mark.parametrize('name', [
+    'ghostnet_100',             # concatenations: channels picked by index, not a leading slice
+    'efficientnet_b0_gn',       # GroupNorm of whole groups
+    'mobilenetv4_conv_small',   # MobileNetV4's universal inverted residuals
+    'resnetblur18',             # BlurPool2d at any channel count
+    'ecaresnet26t',             # ECA's channel-sliding Conv1d
+    pytest.param('resnetv2_50x1_bit', marks=pytest.mark.slow),   # StdConv2d + GroupNormAct
+])
+def test_new_families_trace_and_script_at_a_width(name):
+    """The layers of the families beyond ResNet/EfficientNet/MobileNetV3 take what they need from
+    set_width too: at a fixed width FX traces and TorchScript compiles what the supernet computes,
+    and both follow the width they were captured at (float64: exact up to summation order)."""
+    torch.manual_seed(0)
+    model = timm.create_model(f'{name}_slim', widths=(0.5, 1.0), num_classes=10, width=0.5).double().eval()
+    x = inputs().double()
+    with torch.no_grad():
+        expected = model(x)
+        traced = torch.fx.symbolic_trace(model)
+        scripted = torch.jit.script(model)
+        assert max_diff(traced(x), expected) < 1e-9
+        assert max_diff(scripted(x), expected) < 1e-9
+        timm_slim.set_width(model, 1.0)   # the captured graphs keep width 0.5
+        assert max_diff(traced(x), expected) < 1e-9
+        assert max_diff(scripted(x), expected) < 1e-9
+        assert max_diff(model(x), expected) > 1e-6
+
+
 def test_torchscript_needs_eval_mode_and_says_so():
     model = timm.create_model('resnet18_slim', num_classes=10, width=0.5).train()
     with pytest.raises(RuntimeError, match=r'torch.jit.script of a supernet needs eval mode \(model.eval\(\)\).*'

@@ -103,8 +103,8 @@ def test_a_supernet_copies_and_pickles_with_its_rule():
 
 def _has_multiplier(base: str) -> bool:
     module = sys.modules[timm.models.model_entrypoint(base).__module__]
-    return any(name.startswith('_gen_') and 'channel_multiplier' in inspect.signature(fn).parameters
-               for name, fn in vars(module).items() if callable(fn))
+    return any(name.startswith(('_gen_', '_create_')) and {'channel_multiplier', 'width'} & set(
+        inspect.signature(fn).parameters) for name, fn in vars(module).items() if callable(fn))
 
 
 @pytest.mark.slow
@@ -120,6 +120,11 @@ def test_every_registered_timm_rule_model_traces_exactly():
             assert '_pruned' in base, base
             continue
         for width in (0.25, 0.45, 0.8):
-            if _rule_counts(rule, width) != replay_timm_channels(base, width, 10):
+            try:
+                counts = _rule_counts(rule, width)
+            except AssertionError:   # timm's own checks refuse to build EdgeTPU-V2 at this width
+                assert 'edgetpu_v2' in base, base
+                continue
+            if counts != replay_timm_channels(base, width, 10):
                 failures.append(f'{base} at {width}')
     assert not failures, failures

@@ -30,6 +30,8 @@ FEATURE_MODELS = [
     ('mobilenetv3_large_100', dict(out_indices=(0, 2))),
     ('mobilenetv3_large_100', dict(feature_cls='getter', out_indices=(1, 3))),
     ('efficientnet_b0', dict(feature_cls='hook', out_indices=(1, 4))),
+    ('mobilenetv4_conv_small', dict()),                  # MobileNetV3Features of a MobileNetV4
+    ('ghostnet_100', dict(out_indices=(1, 2, 4))),       # FeatureListNet of concatenations
 ]
 
 
@@ -88,6 +90,7 @@ def test_feature_model_is_timm_at_full_width_and_the_classifier_at_a_narrow_one(
     ('mobilenetv2_100', 0.5, 'mobilenetv2_050', {}),
     ('mobilenetv2_100', 0.75, 'mobilenetv2_075', {}),
     ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075', {}),
+    ('mobilenetv4_conv_small', 0.5, 'mobilenetv4_conv_small_050', {}),
     # wrappers that rename the classifier's layers ('model.', 'body.'): timm's rule still applies
     ('mobilenetv2_100', 0.5, 'mobilenetv2_050', dict(feature_cls='getter')),
     ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075', dict(feature_cls='hook')),

@@ -24,8 +24,9 @@ MAX_LINES = 600
 # ``timm_slim`` names only its own __init__). docs/architecture.md draws the same table.
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ('foundations', ('timm_slim.width', 'timm_slim.names', 'timm_slim.layers')),
-    ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.state', 'timm_slim.control',
-              'timm_slim.capture', 'timm_slim.features', 'timm_slim.sorting', 'timm_slim.convert')),
+    ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.plan', 'timm_slim.state',
+              'timm_slim.control', 'timm_slim.capture', 'timm_slim.features', 'timm_slim.sorting',
+              'timm_slim.convert')),
     ('measuring, training, DS-Net', ('timm_slim.profile', 'timm_slim.data', 'timm_slim.train', 'timm_slim.dynamic')),
     ('files and the Hub', ('timm_slim.export', 'timm_slim.hub')),
     ('model names', ('timm_slim.models',)),
@@ -171,3 +172,25 @@ def test_the_architecture_page_names_every_module():
         if f'`{shown}`' not in page:
             missing.append(shown)
     assert not missing, f'docs/architecture.md does not say what lives in {missing}'
+
+
+def test_the_architecture_page_draws_the_core_in_the_order_of_layers():
+    # the core's rows of the page's diagram name its modules bottom first, as LAYERS does
+    page = ARCHITECTURE_PAGE.read_text(encoding='utf-8')
+    diagram = page.split('```text', 1)[1].split('```', 1)[0]
+    lines = diagram.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith('core '))
+    rows = []
+    for line in lines[start:]:
+        if line.strip() in ('', '|'):
+            break
+        rows.append(line)
+    drawn = ' '.join(rows)
+    core = dict(LAYERS)['core']
+    positions = []
+    for module in core:
+        shown = f'{module.rpartition(".")[2]}.py'
+        assert shown in drawn, f'docs/architecture.md does not draw {shown} in the core'
+        positions.append(drawn.index(shown))
+    assert positions == sorted(positions), (f'docs/architecture.md draws the core in another order than LAYERS: '
+                                            f'{[m.rpartition(".")[2] for m in core]}')

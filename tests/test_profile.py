@@ -40,6 +40,16 @@ FAMILIES = [
     'efficientnet_b0',
     'mnasnet_100',
     'lcnet_100',
+    'mobilenetv4_conv_small',
+    'regnety_002',
+    'resnetv2_18',
+    'legacy_seresnet18',
+    'ecaresnet26t',
+    'resnetblur18',
+    'efficientnet_b0_g8_gn',
+    'resnetv2_50x1_bit',
+    'mobilenet_edgetpu_v2_xs',
+    'ghostnet_100',
 ]
 QUARTERS = [0.25, 0.5, 0.75, 1.0]
 # One intra-op thread: on a shared 2-core machine, two OpenMP threads that wait on each other
@@ -97,6 +107,8 @@ def test_macs_and_params_per_width_match_timm_and_export(name):
     ('mobilenetv3_large_100', 0.75, 'mobilenetv3_large_075'),
     ('mobilenetv3_small_100', 0.5, 'mobilenetv3_small_050'),
     ('lcnet_100', 0.5, 'lcnet_050'),
+    ('mobilenetv4_conv_small', 0.5, 'mobilenetv4_conv_small_050'),
+    ('ghostnet_100', 0.5, 'ghostnet_050'),
 ])
 def test_macs_and_params_match_timm_native_variants(base_name, width, native_name):
     _, supernet = pair(base_name)

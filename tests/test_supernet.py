@@ -25,6 +25,19 @@ FAMILY_MODELS = [
     'tf_efficientnet_b0',
     'mnasnet_100',
     'lcnet_100',
+    # the families added for "any timm ResNet or MobileNet" (docs/families.md)
+    'mobilenetv4_conv_small',
+    'regnetx_002',
+    'regnety_002',
+    'resnetv2_18',
+    'legacy_seresnext26_32x4d',
+    'ecaresnet26t',
+    'resnetblur18',
+    'efficientnet_blur_b0',
+    'efficientnet_b0_gn',
+    'resnetv2_50x1_bit',
+    'mobilenet_edgetpu_v2_xs',
+    'ghostnet_100',
 ]
 QUARTERS = [0.25, 0.5, 0.75, 1.0]
 NUM_CLASSES = 7
@@ -93,6 +106,9 @@ def test_export_equals_supernet(name):
         ('mnasnet_100', 0.5, 'mnasnet_050'),
         ('lcnet_100', 0.5, 'lcnet_050'),
         ('mobilenetv3_small_100', 0.75, 'mobilenetv3_small_075'),
+        ('mobilenetv4_conv_small', 0.35, 'mobilenetv4_conv_small_035'),
+        ('mobilenetv4_conv_small', 0.5, 'mobilenetv4_conv_small_050'),
+        ('ghostnet_100', 0.5, 'ghostnet_050'),
     ],
 )
 def test_export_loads_strictly_into_timm_native_variant(base_name, width, native_name):
@@ -135,7 +151,7 @@ def test_coupled_channels_and_fixed_ends(name):
             table = timm_slim.channel_table(supernet)
             for module, (got_in, got_out) in seen.items():
                 expected = table[names[module]]
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
                     assert got_in == got_out == expected[0], names[module]
                 else:
                     assert (got_in, got_out) == tuple(expected), (names[module], width)

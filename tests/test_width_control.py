@@ -135,8 +135,8 @@ def test_unknown_kwarg_lists_allowed_arguments():
 @pytest.mark.parametrize('name,module', [
     ('mixnet_s', 'blocks.1.0.conv_pw (MixedConv2d)'),
     ('efficientnet_cc_b0_4e', 'blocks.4.0 (CondConvResidual)'),
-    ('resnet50_gn', 'bn1 (GroupNorm)'),
-    ('ecaresnet50d', 'layer1.0.se.conv (Conv1d)'),
+    ('mobilenetv4_hybrid_medium', 'blocks.2.4 (MobileAttention)'),
+    ('gc_efficientnetv2_rw_t', 'blocks.3.0.se (GlobalContext)'),
     ('vit_tiny_patch16_224', 'VisionTransformer'),
 ])
 def test_unsupported_models_name_the_module(name, module):

@@ -38,8 +38,10 @@ from timm.layers import helpers as timm_helpers
 
 _REPLAY_LOCK = threading.Lock()
 _MAKE_DIVISIBLE = timm_helpers.make_divisible
-# Generator arguments that scale every channel count (tinynet calls its multiplier model_width).
-_WIDTH_PARAMETERS = ('channel_multiplier', 'model_width')
+# Generator arguments that scale every channel count (tinynet calls its multiplier model_width,
+# GhostNet's _create_ghostnet width).
+_WIDTH_PARAMETERS = ('channel_multiplier', 'model_width', 'width')
+_GENERATOR_PREFIXES = ('_gen_', '_create_')
 # How many traced programs one architecture keeps before it falls back to building the model.
 _MAX_PROGRAMS = 16
 # Where a fresh trace is checked against a real build: the narrowest of these it applies to.
@@ -76,7 +78,7 @@ def _generators(architecture: str) -> Tuple[Optional[Callable], Any, Dict[str, C
     module = sys.modules[entrypoint.__module__]
     generators = {
         name: fn for name, fn in vars(module).items()
-        if name.startswith('_gen_') and callable(fn) and _width_parameter(fn) is not None
+        if name.startswith(_GENERATOR_PREFIXES) and callable(fn) and _width_parameter(fn) is not None
     }
     return entrypoint, module, generators
 
@@ -372,7 +374,7 @@ class TimmChannelRule:
     @classmethod
     def trace(cls, architecture: str, num_classes: int, max_programs: int = _MAX_PROGRAMS) -> Optional[TimmChannelRule]:
         """Trace timm's generator of ``architecture`` at full width; None when it has no
-        ``channel_multiplier`` (or tinynet's ``model_width``), or when no count depends on it
+        ``channel_multiplier`` (or tinynet's ``model_width``), when no count depends on it
         (the pruned EfficientNets read their channels from a file; other generators of the
         module are scaled, not the one the entrypoint calls).
 

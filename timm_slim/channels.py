@@ -1,38 +1,29 @@
-"""Which channels are coupled, and how many channels every layer has at a given width.
+"""Which channels are coupled: the channel groups of a model, found by tracing it once.
 
 Coupling is *discovered*, not hand-written per block type: one small forward pass runs under a
 ``TorchFunctionMode`` that labels every tensor with the channel group it belongs to. A dense
-convolution or linear layer starts a new group; depthwise and grouped convolutions,
-BatchNorm, activations and pooling keep their input's group; an elementwise op between two
-labelled tensors (a residual add, an SE gate multiply) merges their groups. Anything that
-splits, concatenates or reshapes a labelled channel axis is refused, naming the module.
-
-The channel *counts* of a group at width ``w`` follow timm's own rule where timm has one: for
-EfficientNet-builder and MobileNetV3 models, the counts timm's generator gives the model with its
-``channel_multiplier`` scaled by ``w`` (so mid widths, heads, SE widths and the fixed MobileNetV3
-stem are exactly timm's narrow variants), read from a trace of the generator that is evaluated
-at any width in microseconds (:mod:`timm_slim.channel_rule`). Elsewhere (ResNets), a group of
-``C`` channels has ``make_divisible(C * w, 8)`` channels (divisible by the group width of any
-grouped conv that touches it). A group coupled across layers that the rule would size
-differently takes the largest size, so coupled channels always stay equal.
+convolution or linear layer starts a new group; depthwise and grouped convolutions, norms,
+activations and pooling keep their input's group, and so do modules that work at any channel
+count (ECA's channel-sliding convolution, BlurPool2d); an elementwise op between two labelled
+tensors (a residual add, an SE gate multiply) merges their groups. A concatenation along the
+channels (GhostNet) is a group of its parts; a grouped convolution that changes the count
+(SENet-154) a group derived from its input's. Anything else that splits or reshapes a labelled
+channel axis is refused, naming the module. How many channels each group has at a width is
+:mod:`timm_slim.plan`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import make_divisible
+from timm.layers import BlurPool2d, CecaModule, EcaModule
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
-
-from .channel_rule import TimmChannelRule, shared_rule
-from .width import Width, stage_widths
 
 _DIVISOR = 8
 
@@ -49,6 +40,18 @@ class Group:
     producers: List[str] = field(default_factory=list)
     divisor: int = _DIVISOR
     fixed: bool = False
+    # what every count must be a multiple of: the group width of a grouped conv or GroupNorm
+    # that reads the group (``divisor`` adds the rounding to 8 of the generic rule)
+    required: int = 1
+    # the stages whose layers produce these channels (a residual group can span two stages
+    # where a stage starts without a downsampling shortcut, as in GhostNet)
+    stages: Tuple[int, ...] = ()
+    # A concatenation (GhostNet's primary and cheap halves): its parts' groups side by side, each
+    # sliced in proportion, so its channels at a width are the leading slice of every part.
+    parts: Tuple[int, ...] = ()
+    # A grouped convolution that changes the count: (its input's group, in and out channels per
+    # conv group); its count follows its input's, whole conv groups of it.
+    derived: Optional[Tuple[int, int, int]] = None
 
 
 @dataclass
@@ -88,9 +91,16 @@ class _UnionFind:
         return min(ra, rb)
 
 
+# Modules that work at any channel count and keep their input's channel group, traced as one
+# step: ECA's 1-D convolution slides over the channel axis (its kernel does not depend on the
+# count); BlurPool2d applies one fixed filter to every channel (the converter switches it to
+# timm's own any-count mode, ``channels=None``).
+CHANNEL_KEEPING = (EcaModule, CecaModule, BlurPool2d)
+
 _CONV_OPS = {torch.conv2d, F.conv2d}
 _LINEAR_OPS = {F.linear, torch._C._nn.linear}
-_NORM_OPS = {F.batch_norm, torch.batch_norm}
+_CAT_OPS = {torch.cat, torch.concat, torch.concatenate}
+_NORM_OPS = {F.batch_norm, torch.batch_norm, F.group_norm, torch.group_norm}
 
 
 class _ChannelTracer(TorchFunctionMode):
@@ -115,15 +125,30 @@ class _ChannelTracer(TorchFunctionMode):
         self.norm_in: Dict[str, int] = {}
         self.module_out: Dict[str, int] = {}
         self.fixed_node = self.uf.add()
+        self.derived: Dict[int, Tuple[int, int, int]] = {}   # node -> (input node, in and out per conv group)
+        self.parts: Dict[int, Tuple[int, ...]] = {}          # node of a concatenation -> its parts' nodes
+        self.node_base: Dict[int, int] = {}                  # channels of a derived or concatenated node
+        self.opaque: List[Optional[int]] = []   # input groups of the channel-keeping modules running now
 
     # -- module stack, for error messages and module outputs ---------------------------------
     def pre_hook(self, module: nn.Module, args) -> None:
         self.stack.append(self.names.get(id(module), '?'))
+        if isinstance(module, CHANNEL_KEEPING):
+            first = args[0] if args else None
+            self.opaque.append(self.label_of(first) if isinstance(first, torch.Tensor) else None)
 
     def post_hook(self, module: nn.Module, args, output) -> None:
         name = self.stack.pop() if self.stack else '?'
+        if isinstance(module, CHANNEL_KEEPING):
+            node = self.opaque.pop()
+            if node is not None and isinstance(output, torch.Tensor):
+                self.label(output, node)
         if isinstance(output, torch.Tensor) and id(output) in self.labels:
             self.module_out[name] = self.labels[id(output)]
+
+    def running(self) -> Optional[nn.Module]:
+        """The innermost module running now."""
+        return self.modules.get(self.stack[-1]) if self.stack else None
 
     def where(self) -> str:
         """The innermost module running now that is not a plain container."""
@@ -145,8 +170,12 @@ class _ChannelTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.opaque:
+            return out   # inside a channel-keeping module: its output takes its input's group
         if func in _CONV_OPS:
             self._conv(args, kwargs, out)
+        elif func in _CAT_OPS and _concatenates_channels(args, kwargs, out):
+            self._concat(args[0] if args else kwargs['tensors'], out)
         elif func in _LINEAR_OPS:
             self._linear(args, kwargs, out)
         elif func in _NORM_OPS:
@@ -157,6 +186,8 @@ class _ChannelTracer(TorchFunctionMode):
 
     def _layer_name(self, weight: torch.Tensor, kind: type) -> str:
         owner = self.owner.get(id(weight))
+        if owner is None and isinstance(self.running(), kind):
+            owner = (self.stack[-1], self.running())   # a layer that transforms its weight first (StdConv2d)
         if owner is None or not isinstance(owner[1], kind):
             raise UnsupportedModelError(
                 f'unsupported layer {self.where()}: it computes a {kind.__name__} with a weight that is '
@@ -166,19 +197,22 @@ class _ChannelTracer(TorchFunctionMode):
     def _conv(self, args, kwargs, out) -> None:
         x, weight = args[0], args[1]
         name = self._layer_name(weight, nn.Conv2d)
-        module = self.owner[id(weight)][1]
+        module = self.modules[name]
         node_in = self.label_of(x)
         self.layer_in[name] = node_in
         if module.groups > 1:
-            if module.in_channels != module.out_channels:
-                raise UnsupportedModelError(
-                    f'unsupported layer {name} ({type(module).__name__}): a grouped convolution whose output '
-                    f'count ({module.out_channels}) differs from its input count ({module.in_channels})')
             if node_in is None:
                 raise UnsupportedModelError(f'unsupported layer {name}: a grouped convolution on the model input')
             node = node_in
+            if module.in_channels != module.out_channels:
+                # SENet-154, EdgeTPU-V2's expansion: whole conv groups of the input's, more or fewer per group
+                node = self.uf.add()
+                self.derived[node] = (node_in, module.in_channels // module.groups,
+                                      module.out_channels // module.groups)
+                self.node_base[node] = module.out_channels
         else:
-            node = self.uf.add()
+            # a convolutional classifier (ResNetV2's 1x1 conv head) keeps its outputs, the classes
+            node = self.fixed_node if module is self.classifier else self.uf.add()
             self.producer_node[name] = node
         self.layer_out[name] = node
         self.label(out, node)
@@ -187,7 +221,7 @@ class _ChannelTracer(TorchFunctionMode):
         x, weight = args[0], args[1]
         name = self._layer_name(weight, nn.Linear)
         self.layer_in[name] = self.label_of(x)
-        module = self.owner[id(weight)][1]
+        module = self.modules[name]
         if module is self.classifier:
             node = self.fixed_node
         else:
@@ -200,11 +234,47 @@ class _ChannelTracer(TorchFunctionMode):
         x = args[0]
         tensors = [t for t in tree_flatten((args[1:], kwargs))[0] if isinstance(t, torch.Tensor)]
         owner = next((self.owner[id(t)] for t in tensors if id(t) in self.owner), None)
+        if owner is None and isinstance(self.running(), (nn.BatchNorm2d, nn.GroupNorm)):
+            owner = (self.stack[-1], self.running())   # a norm without affine parameters
         node = self.label_of(x)
         if owner is not None and node is not None:
             self.norm_in[owner[0]] = node
         if node is not None:
             self.label(out, node)
+
+    def _concat(self, tensors, out) -> None:
+        nodes = [self.label_of(t) for t in tensors]
+        if any(node is None for node in nodes):
+            raise UnsupportedModelError(f'unsupported operation cat in {self.where()}: it concatenates channels '
+                                        f'that no layer of the model produces')
+        parts = []
+        for node in nodes:
+            parts.extend(self.parts.get(node, (node,)))
+        node = self.uf.add()
+        self.parts[node] = tuple(parts)
+        self.node_base[node] = out.shape[1]
+        self.label(out, node)
+
+    def merge(self, a: int, b: int) -> int:
+        """Couple two groups (both sides of an add or a multiply); concatenations part by part."""
+        ra, rb = self.uf.find(a), self.uf.find(b)
+        if ra == rb:
+            return ra
+        if ra in self.derived or rb in self.derived:
+            raise UnsupportedModelError(
+                f'unsupported operation in {self.where()}: it couples the output of a grouped convolution '
+                f'that changes the channel count (whose count follows its input) with other channels')
+        pa, pb = self.parts.pop(ra, None), self.parts.pop(rb, None)
+        if pa and pb:
+            if len(pa) != len(pb):
+                raise UnsupportedModelError(f'unsupported operation in {self.where()}: it couples two '
+                                            f'concatenations of {len(pa)} and {len(pb)} parts')
+            for x, y in zip(pa, pb):
+                self.merge(x, y)
+        root = self.uf.union(ra, rb)
+        if pa or pb:
+            self.parts[root] = pa or pb
+        return root
 
     def _elementwise(self, func, args, kwargs, out) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -223,17 +293,36 @@ class _ChannelTracer(TorchFunctionMode):
                     f'convolution, so its channels cannot be sliced')
             node = matching[0]
             for other in matching[1:]:
-                node = self.uf.union(node, other)
+                node = self.merge(node, other)
             self.label(tensor, node)
+
+
+def _concatenates_channels(args, kwargs, out) -> bool:
+    dim = args[1] if len(args) > 1 else kwargs.get('dim', 0)
+    return isinstance(out, torch.Tensor) and out.dim() >= 2 and dim % out.dim() == 1
+
+
+# Input sizes the tracing forward pass tries, smallest first: GhostNetV2's attention pools the
+# last stage by 2, which a 32x32 input has shrunk to 1x1.
+_TRACE_SIZES = (32, 64)
 
 
 def trace_channels(model: nn.Module, stage_prefixes: Sequence[str]) -> ChannelGraph:
     """Run one small forward pass of ``model`` and return its channel coupling: a classifier's
     ``forward_features`` and ``forward_head``, or the ``forward`` of a model without them (timm's
     feature models, whose outputs are the features)."""
+    for size in _TRACE_SIZES:
+        try:
+            return _trace_at(model, stage_prefixes, size)
+        except RuntimeError:   # the input is too small for the model (UnsupportedModelError is no RuntimeError)
+            if size == _TRACE_SIZES[-1]:
+                raise
+
+
+def _trace_at(model: nn.Module, stage_prefixes: Sequence[str], size: int) -> ChannelGraph:
     first = next(iter(model.parameters()))
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    x = torch.zeros(1, in_chans, 32, 32, device=first.device, dtype=first.dtype)
+    x = torch.zeros(1, in_chans, size, size, device=first.device, dtype=first.dtype)
     classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
     tracer = _ChannelTracer(model, classifier)
     modes = {m: m.training for m in model.modules()}
@@ -278,6 +367,21 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
             raise UnsupportedModelError(f'coupled layers {group.producers[0]} and {name} have different '
                                         f'channel counts ({group.base} vs {base})')
         group.producers.append(name)
+    for node, (source, per_in, per_out) in tracer.derived.items():
+        groups[find(node)] = Group(base=tracer.node_base[node], derived=(find(source), per_in, per_out))
+
+    def concatenation(root: int) -> Group:   # the tracer keeps a concatenation's parts on its root
+        parts = tuple(find(p) for p in tracer.parts[root])
+        base = sum((concatenation(p) if p in tracer.parts else groups[p]).base for p in parts)
+        group = groups.setdefault(root, Group(base=base))
+        if group.base != base:
+            raise UnsupportedModelError(f'layer {group.producers[0]} ({group.base} channels) is coupled with a '
+                                        f'concatenation of {base}')
+        group.parts = parts
+        return group
+
+    for root in tracer.parts:
+        concatenation(root)
     for name, node in tracer.layer_in.items():
         module = modules[name]
         if node is None:
@@ -286,11 +390,18 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
         if root not in groups:
             raise UnsupportedModelError(f'layer {name} reads channels that no layer of the model produces')
         if isinstance(module, nn.Conv2d) and module.groups > 1:
-            group_width = module.in_channels // module.groups
-            groups[root].divisor = _lcm(groups[root].divisor, group_width)
+            _require_divisor(groups, root, module.in_channels // module.groups, name)
+    for name, node in tracer.norm_in.items():
+        module = modules[name]
+        if isinstance(module, nn.GroupNorm) and find(node) in groups:   # whole groups of a fixed width
+            if groups[find(node)].parts:
+                raise UnsupportedModelError(f'unsupported layer {name} ({type(module).__name__}): a GroupNorm of '
+                                            f'concatenated channels is not implemented')
+            _require_divisor(groups, find(node), module.num_channels // module.num_groups, name)
     for group in groups.values():
         group.divisor = min(group.divisor, group.base)
     stage_of = _stages(list(modules), stage_prefixes)
+    _follow_producers(stage_of, groups, tracer)
     return ChannelGraph(
         groups=groups,
         layer_in={n: None if v is None else find(v) for n, v in tracer.layer_in.items()},
@@ -302,6 +413,49 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
         num_stages=len(stage_prefixes),
         output_groups=tuple(-1 if node is None else find(node) for node in output_nodes),
     )
+
+
+def _follow_producers(stage_of: Dict[str, int], groups: Dict[int, Group], tracer: _ChannelTracer) -> None:
+    """A layer that only follows its input's channels (a norm, a depthwise convolution) belongs to
+    the stage that produces them: a pre-activation norm, or a depthwise convolution on a block's
+    input (MobileNetV4's ``dw_start``), runs in the next stage but has the previous stage's count."""
+    find = tracer.uf.find
+
+    def producing(root: int) -> set:
+        group = groups.get(root)
+        if group is None:
+            return set()
+        stages = {stage_of[p] for p in group.producers}
+        for part in group.parts + ((group.derived[0],) if group.derived else ()):
+            stages |= producing(part)
+        return stages
+
+    for root, group in groups.items():
+        group.stages = tuple(sorted(producing(root)))
+    followers = {**tracer.norm_in, **{n: v for n, v in tracer.layer_out.items() if n not in tracer.producer_node}}
+    for name, node in followers.items():
+        stages = groups[find(node)].stages if find(node) in groups else ()
+        if len(stages) == 1:
+            stage_of[name] = stages[0]
+
+
+def _require_divisor(groups: Dict[int, Group], root: int, divisor: int, layer: str) -> None:
+    """Keep every width of group ``root`` a multiple of ``divisor`` (a grouped layer reads it in
+    whole groups): in each part of a concatenation, in the input of a derived group."""
+    group = groups[root]
+    if group.parts:
+        for part in group.parts:
+            if groups[part].base % divisor:
+                raise UnsupportedModelError(
+                    f'unsupported layer {layer}: it reads groups of {divisor} channels across the parts of a '
+                    f'concatenation ({groups[part].base} channels in one part)')
+            _require_divisor(groups, part, divisor, layer)
+    elif group.derived:
+        source, per_in, per_out = group.derived
+        _require_divisor(groups, source, per_in * divisor // math.gcd(per_out, divisor), layer)
+    else:
+        group.divisor = _lcm(group.divisor, divisor)
+        group.required = _lcm(group.required, divisor)
 
 
 def _lcm(a: int, b: int) -> int:
@@ -319,74 +473,3 @@ def _stages(names: Sequence[str], stage_prefixes: Sequence[str]) -> Dict[str, in
                 break
         stage_of[name] = current
     return stage_of
-
-
-# -- channel counts per width ----------------------------------------------------------------
-
-class ChannelPlanner:
-    """Channel counts per group for any width of one supernet.
-
-    Where the model's timm generator has a ``channel_multiplier``, a producer's count at stage
-    width ``w`` is what timm's own rule gives the model at ``w`` times its multiplier
-    (:class:`~timm_slim.channel_rule.TimmChannelRule`, traced once per architecture and evaluated in
-    tens of microseconds); elsewhere it is ``make_divisible(base * w, divisor)``. A coupled group
-    takes the largest count any of its producers gets. Tables are cached (LRU, ``cache_size``).
-    """
-
-    def __init__(self, graph: ChannelGraph, architecture: Optional[str], num_classes: int,
-                 cache_size: int = 256, rule_names: Optional[Dict[str, str]] = None) -> None:
-        self.graph = graph
-        self.architecture = architecture
-        self.num_classes = num_classes
-        self.cache_size = cache_size
-        # A feature model's layers have the classifier's names with a prefix or flattened
-        # containers; the rule knows them by the classifier's names.
-        self.rule_names = rule_names or {}
-        self._tables: OrderedDict = OrderedDict()
-        self.rule = self._faithful_rule(architecture, num_classes)
-        self.uses_timm_rule = self.rule is not None
-        slot = {name: i for i, name in enumerate(self.rule.names)} if self.rule is not None else {}
-        # (root, group, [(stage, slot of the producer in the rule's counts)]) for every group.
-        self._members = [
-            (root, group, [(graph.stage_of[p], slot.get(self.rule_names.get(p, p))) for p in group.producers])
-            for root, group in graph.groups.items()
-        ]
-
-    def _faithful_rule(self, architecture: Optional[str], num_classes: int) -> Optional[TimmChannelRule]:
-        """timm's rule for ``architecture``, if it reproduces this model's own counts at full width
-        (a model built with other arguments than its registered ones cannot use it)."""
-        rule = shared_rule(architecture, num_classes) if architecture else None
-        if rule is None:
-            return None
-        full = dict(zip(rule.names, rule.counts(1.0)))
-        for group in self.graph.groups.values():
-            if any(full.get(self.rule_names.get(p, p)) != group.base for p in group.producers):
-                return None
-        return rule
-
-    def _generic_count(self, group: Group, width: float) -> int:
-        if width >= 1.0:
-            return group.base   # make_divisible would round a base that is no multiple of 8 (pruned models)
-        count = make_divisible(group.base * width, group.divisor)
-        return max(group.divisor, min(group.base, count))
-
-    def counts(self, width: Width) -> Dict[int, int]:
-        """Channels of every group at ``width`` (uniform float or per-stage tuple)."""
-        key = width
-        if key in self._tables:
-            self._tables.move_to_end(key)
-            return self._tables[key]
-        widths = stage_widths(width, self.graph.num_stages)
-        native = {w: self.rule.counts(w) for w in set(widths)} if self.rule is not None else {}
-        counts = {}
-        for root, group, members in self._members:
-            if group.fixed:
-                counts[root] = group.base
-            elif self.rule is not None:
-                counts[root] = min(group.base, max(native[widths[stage]][slot] for stage, slot in members))
-            else:
-                counts[root] = max(self._generic_count(group, widths[stage]) for stage, _ in members)
-        self._tables[key] = counts
-        if len(self._tables) > self.cache_size:
-            self._tables.popitem(last=False)
-        return counts

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import SWITCHABLE, SlimBatchNorm2d
+from .layers import SWITCHABLE, SlimBatchNorm2d, SlimGroupNorm
 from .state import SlimState, feature_dicts, slim_layers, unwrap
 from .width import Width, format_width, stage_widths, width_key
 
@@ -73,12 +73,18 @@ def set_width(model: nn.Module, width: Width) -> Width:
     full, key, label = width == 1.0, width_key(width), format_width(width)
     # Switchable BN: the private BatchNorm of each stage's width (None at full width).
     private_keys = [None if w == 1.0 else width_key(w) for w in widths]
+    per_stage = len(set(widths)) > 1
+    # Groups whose channels are not their leading ones (a concatenation's parts), by position.
+    indices = state.planner.indices(width, state.layers[0][1].weight.device) if state.planner.has_layouts else {}
     for name, layer in state.layers:
         if isinstance(layer, SlimBatchNorm2d):
             channels = counts[graph.norm_group[name]]
             layer.active_channels = channels
+            layer.index = indices.get(graph.norm_group[name])
             if state.bn == SWITCHABLE:
                 stage = graph.stage_of[name]
+                if per_stage:   # channels produced in several stages have the widest of their widths
+                    stage = max(graph.groups[graph.norm_group[name]].stages or (stage,), key=widths.__getitem__)
                 layer.private_key = private_keys[stage]
                 layer.is_full = layer.private_key is None
                 if layer.private_key is not None and layer.private[layer.private_key].num_features != channels:
@@ -89,9 +95,13 @@ def set_width(model: nn.Module, width: Width) -> Width:
                 layer.is_full = full
                 layer.width_key = key
                 layer.width_label = label
+        elif isinstance(layer, SlimGroupNorm):
+            layer.active_channels = counts[graph.norm_group[name]]
         else:
             out = counts[graph.layer_out[name]]
             layer.out_active = None if out == layer.full_out else out
+            layer.out_index = indices.get(graph.layer_out[name])
+            layer.in_index = indices.get(graph.layer_in[name])
             node_in = graph.layer_in[name]
             layer.in_active = state.in_chans if node_in is None else counts[node_in]
     if state.feature_groups:   # timm's feature_info follows the width (a neck reads it)

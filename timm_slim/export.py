@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .control import get_width, unwrap, use_width
 from .convert import slimmify
 from .dynamic import GATE_ARGS, add_gates
-from .layers import SlimBatchNorm2d
+from .layers import SlimBatchNorm2d, SlimBlurPool2d, SlimGroupNorm
 from .state import channel_table, slim_layers
 from .width import Width, format_width
 
@@ -56,10 +56,13 @@ def export(model: nn.Module, width: Optional[Width] = None) -> nn.Module:
         memo: Dict[int, Any] = {id(state): None}
         memo.update({id(getattr(net, name)): None for name in state.extras})
         for name, layer in slim_layers(net):
-            if isinstance(layer, SlimBatchNorm2d):
+            if isinstance(layer, (SlimBatchNorm2d, SlimGroupNorm)):
                 memo[id(layer)] = layer.twin()
             else:
                 memo[id(layer)] = layer.twin(state.layer_io(name, counts)[0])
+        for module in net.modules():   # timm's own BlurPool2d (any channel count) in a plain model
+            if isinstance(module, SlimBlurPool2d):
+                memo[id(module)] = module.twin()
         plain = copy.deepcopy(net, memo)   # feature_info is copied with the width's num_chs (set_width)
         _move_hooks(net, memo)
     del plain.slim

@@ -15,14 +15,21 @@ import timm
 SLIM_SUFFIX = '_slim'
 DS_SUFFIX = '_ds'
 
-# timm modules whose models the converter handles, and the names in them it refuses
-# (layers whose channels cannot be sliced: ECA's Conv1d, GroupNorm, BlurPool, MixedConv2d,
-# CondConv, grouped expansions, MobileNetV4's blocks). tests/test_registry.py converts every
-# registered name.
-_FAMILY_MODULES = ('resnet', 'efficientnet', 'mobilenetv3')
-_REFUSED = re.compile(
-    r'^(test_|ecares|resnetblur|senet154|gc_|mobilenetv4|mobilenetv5)|mixnet|_cc_|_gn$|_gn_|_g8_gn|evos|'
-    r'blur|edgetpu_v2')
+# timm modules whose models the converter handles (docs/families.md: how many of each convert,
+# and why the others are refused). tests/test_registry.py converts every registered name and
+# checks that every name left out is refused by the converter.
+FAMILY_MODULES = ('resnet', 'resnetv2', 'regnet', 'senet', 'efficientnet', 'mobilenetv3', 'ghostnet')
+# timm's test models; and the names the converter refuses (the layer and the reason are in its error).
+_TEST_MODELS = re.compile(r'^test_')
+_REFUSED = re.compile('|'.join((
+    r'mixnet',                                      # MixedConv2d
+    r'_cc_',                                        # CondConv2d
+    r'^gc_',                                        # GlobalContext (LayerNorm2d)
+    r'^mobilenetv4_hybrid',                         # MobileAttention
+    r'^resnetv2_50d_(evos|frn)$',
+)))
+# Bases without a <base>_ds: DS-Net's routing masks leading channels, GhostNet's concatenations are not.
+_NO_DS = re.compile(r'^ghostnet')
 
 ALIASES = {
     'mobilenetv2_slim': 'mobilenetv2_100',
@@ -31,19 +38,24 @@ ALIASES = {
 }
 
 
+def family_models(module: str) -> List[str]:
+    """The models of timm ``module`` (one of ``FAMILY_MODULES``), timm's test models aside."""
+    return [n for n in timm.list_models(module=module) if not _TEST_MODELS.search(n)]
+
+
 def supported_base_models() -> List[str]:
     """timm base names that have a ``<base>_slim`` twin."""
     names = []
-    for module in _FAMILY_MODULES:
-        names.extend(n for n in timm.list_models(module=module) if not _REFUSED.search(n))
-    return sorted(n for n in names if not n.endswith(SLIM_SUFFIX))
+    for module in FAMILY_MODULES:
+        names.extend(n for n in family_models(module) if not _REFUSED.search(n))
+    return sorted(names)
 
 
 def _name_maps() -> Tuple[Dict[str, str], Dict[str, str]]:
     bases = supported_base_models()
     slim = {f'{base}{SLIM_SUFFIX}': base for base in bases}
     slim.update(ALIASES)
-    return slim, {f'{base}{DS_SUFFIX}': base for base in bases}
+    return slim, {f'{base}{DS_SUFFIX}': base for base in bases if not _NO_DS.search(base)}
 
 
 _SLIM_NAMES, _DS_NAMES = _name_maps()

@@ -12,8 +12,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .channels import ChannelGraph, ChannelPlanner
-from .layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from .channels import ChannelGraph
+from .layers import SLIM_LAYERS, SlimConv2d, SlimLinear
+from .plan import ChannelPlanner
 from .width import Width, WidthSpace
 
 
@@ -78,7 +79,7 @@ def feature_dicts(model: nn.Module) -> List[dict]:
 def slim_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """(name, layer) of every slim layer of a supernet."""
     for name, module in model.named_modules():
-        if isinstance(module, (SlimConv2d, SlimLinear, SlimBatchNorm2d)):
+        if isinstance(module, SLIM_LAYERS):
             yield name, module
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 
 from ..channels import UnsupportedModelError
+from ..convert import is_resnet_like
 from ..features import is_feature_model
 from ..layers import SlimConv2d, SlimLinear
 from ..state import slim_layers, unwrap
@@ -91,18 +92,16 @@ def _stage_names(net: nn.Module) -> str:
 
 
 def _classifier_stages(model: nn.Module, num_stages: int) -> Tuple[int, ...]:
-    from timm.models.resnet import ResNet
-
-    if isinstance(model, ResNet):
+    if is_resnet_like(model):
         return tuple(range(1, num_stages))
     return (num_stages // 2,)
 
 
 def default_gate_stages(net: nn.Module) -> Tuple[int, ...]:
-    """ResNet: stages 1, 2, 3 (layer2..layer4); EfficientNet/MobileNet: one gate at the middle
-    stage, ``num_stages // 2`` (DS-MBNet runs its first blocks narrow and gates once further in).
-    A feature model: those of its classifier up to its last returned feature's stage (that stage
-    itself where every one lies beyond it)."""
+    """ResNet (and the other ResNet designs: ResNetV2, RegNet, SENet): stages 1, 2, 3 (layer2..layer4);
+    EfficientNet/MobileNet: one gate at the middle stage, ``num_stages // 2`` (DS-MBNet runs its
+    first blocks narrow and gates once further in). A feature model: those of its classifier up to
+    its last returned feature's stage (that stage itself where every one lies beyond it)."""
     if is_feature_model(net):
         return backbone.default_stages(net, _classifier_stages)
     return _classifier_stages(net, net.slim.num_stages)
@@ -195,6 +194,10 @@ def add_gates(
     if net.slim.space.high != 1.0:
         raise ValueError(f'DS-Net gates need a supernet whose widths include 1.0 (the masked training runs the '
                          f'full width); this one takes {net.slim.space.describe()}')
+    if net.slim.planner.has_layouts:
+        raise UnsupportedModelError(
+            f'DS-Net gates are not implemented for {net.slim.architecture or type(net).__name__}: it concatenates '
+            f'channel groups (GhostNet), and the masked training of the gates keeps leading channels only')
     if is_feature_model(net):
         backbone.last_gate_stage(net)   # refuses an FX graph, and features no gate can precede
     checked = _check_choices(net, choices)

@@ -36,17 +36,19 @@ import torch.nn as nn
 from torch.fx import Proxy
 
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
+from ..convert import model_family
 from ..features import is_feature_model
-from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from ..layers import SlimBatchNorm2d, SlimConv2d, SlimGroupNorm, SlimLinear
 from ..state import feature_dicts, slim_layers
 from ..width import format_width
 from .state import DYNAMIC, Decisions, DynamicState
 
 # What ``set_width`` configures on each slim layer (see timm_slim.control.set_width).
 _WIDTH_ATTRS = {
-    SlimConv2d: ('out_active', 'in_active'),
-    SlimLinear: ('out_active', 'in_active'),
-    SlimBatchNorm2d: ('active_channels', 'is_full', 'width_key', 'width_label', 'private_key'),
+    SlimConv2d: ('out_active', 'in_active', 'out_index', 'in_index'),
+    SlimLinear: ('out_active', 'in_active', 'out_index', 'in_index'),
+    SlimBatchNorm2d: ('active_channels', 'index', 'is_full', 'width_key', 'width_label', 'private_key'),
+    SlimGroupNorm: ('active_channels',),
 }
 
 
@@ -68,17 +70,43 @@ def _no_finish(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.stem(x)
+
+
+def _regnet_finish(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.final_conv(x)
+
+
+def _resnetv2_finish(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.norm(x)
+
+
+def _senet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.pool0(m.layer0(x))
+
+
+def _ghostnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.act1(m.bn1(m.conv_stem(x)))
+
+
+# (stem, finish) of ``forward_features`` around the stages, per model family:
+# forward_features = finish(stages(stem(x))), and forward = forward_head(forward_features(x)).
+_FAMILIES = {
+    'resnet': (_resnet_stem, _no_finish),
+    'resnetv2': (_stem, _resnetv2_finish),
+    'regnet': (_stem, _regnet_finish),
+    'senet': (_senet_stem, _no_finish),
+    'efficientnet': (_efficientnet_stem, _efficientnet_finish),
+    'mobilenetv3': (_efficientnet_stem, _no_finish),
+    'ghostnet': (_ghostnet_stem, _no_finish),
+}
+
+
 def _family(net: nn.Module) -> Tuple[Callable, Callable]:
     """(stem, finish) of ``forward_features`` around the stages: forward_features =
     finish(stages(stem(x))), and forward = forward_head(forward_features(x))."""
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.resnet import ResNet
-
-    if isinstance(net, ResNet):
-        return _resnet_stem, _no_finish
-    if isinstance(net, EfficientNet):
-        return _efficientnet_stem, _efficientnet_finish
-    return _efficientnet_stem, _no_finish  # MobileNetV3
+    return _FAMILIES[model_family(net)]
 
 
 class _Runner:
@@ -244,6 +272,9 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for j, gate_stage in enumerate(ds.gate_stages):
             following = []
             for prefix, index, h, logits in groups:
+                # this route's settings of the segment so far: its norms of the stage output (a
+                # pre-activation norm) run in the next segment's first block
+                plans.apply(j, prefix)
                 gate_logits, h = run.gates[gate_stage](h)
                 logits = [*logits, gate_logits]
                 choice = gate_logits.argmax(1)
@@ -311,6 +342,10 @@ class _Masking:
             for name, layer in layers:
                 if isinstance(layer, SlimBatchNorm2d):
                     group, full = graph.norm_group[name], layer.num_features
+                elif isinstance(layer, SlimGroupNorm):
+                    # statistics of whole groups: the masked channels' groups are all zero, and the
+                    # mask zeroes their output (the bias) again
+                    group, full = graph.norm_group[name], layer.num_channels
                 else:
                     group = graph.layer_out[name]
                     full = layer.out_channels if isinstance(layer, SlimConv2d) else layer.out_features

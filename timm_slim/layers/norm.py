@@ -27,6 +27,17 @@ SWITCHABLE = 'switchable'
 BN_KINDS = (UNIVERSAL, SWITCHABLE)
 
 
+def _pick(tensor: torch.Tensor, channels: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """The active channels of a per-channel tensor: the leading ``channels``, or the positions
+    ``index`` (set by ``set_width`` only where they are not the leading ones). No shape is read:
+    under ``torch.fx`` the tensor is a traced value and the index a constant of the graph."""
+    if index is None:
+        return tensor[:channels]
+    if not isinstance(tensor, Proxy) and index.device != tensor.device:
+        index = index.to(tensor.device)
+    return tensor.index_select(0, index)
+
+
 class CalibratedStats(nn.Module):
     """Per-width BatchNorm statistics as buffers ``<key>_mean`` / ``<key>_var``.
 
@@ -120,21 +131,30 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         bn.width_label = '1'
         bn.is_full = True
         bn.active_channels = bn.num_features
+        bn.index = None   # the channels it normalises where they are not the leading ones (set_width)
         bn.private_key = None
         bn._moments = None
         return bn
 
-    def add_private(self, key: str, channels: int) -> None:
-        """S-Net: a private BatchNorm for width ``key``, initialised from the shared slice."""
+    def add_private(self, key: str, channels: int, index: Optional[torch.Tensor] = None) -> None:
+        """S-Net: a private BatchNorm for width ``key``, initialised from the shared slice (the
+        channels ``index`` where they are not the leading ones)."""
         private = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                                 device=self.weight.device if self.affine else None)
+                                 device=self.running_mean.device)
         with torch.no_grad():
             if self.affine:
-                private.weight.copy_(self.weight[:channels])
-                private.bias.copy_(self.bias[:channels])
-            private.running_mean.copy_(self.running_mean[:channels])
-            private.running_var.copy_(self.running_var[:channels])
+                private.weight.copy_(_pick(self.weight, channels, index))
+                private.bias.copy_(_pick(self.bias, channels, index))
+            private.running_mean.copy_(_pick(self.running_mean, channels, index))
+            private.running_var.copy_(_pick(self.running_var, channels, index))
         self.private[key] = private
+
+    def _affine(self, source: nn.BatchNorm2d, channels: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The active width's affine: the shared one's active channels, or a private one's."""
+        if not self.affine:
+            return None, None
+        index = self.index if source is self else None
+        return _pick(source.weight, channels, index), _pick(source.bias, channels, index)
 
     def _source(self) -> nn.BatchNorm2d:
         """The module whose affine and statistics serve the active width."""
@@ -160,8 +180,7 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             return self._scripted(x)
         channels = self.active_channels
         source = self._source()
-        weight = source.weight[:channels] if self.affine else None
-        bias = source.bias[:channels] if self.affine else None
+        weight, bias = self._affine(source, channels)
         if self._moments is not None:
             x = self._moments.normalize(x, weight, bias, self.eps)
         elif self.training:
@@ -200,8 +219,9 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         channels = self.active_channels
         source = self._source()
         mean, var = self._eval_stats(channels)
-        weight = source.weight[:channels].detach() if self.affine else None
-        bias = source.bias[:channels].detach() if self.affine else None
+        weight, bias = self._affine(source, channels)
+        weight = None if weight is None else weight.detach()
+        bias = None if bias is None else bias.detach()
         self._script_stats = (weight, bias, mean, var)
         return self
 
@@ -245,8 +265,9 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         plain = plain.to(device=self.running_mean.device, dtype=self.running_mean.dtype)
         with torch.no_grad():
             if self.affine:
-                plain.weight.copy_(source.weight[:channels])
-                plain.bias.copy_(source.bias[:channels])
+                weight, bias = self._affine(source, channels)
+                plain.weight.copy_(weight)
+                plain.bias.copy_(bias)
             plain.running_mean.copy_(mean)
             plain.running_var.copy_(var)
             plain.num_batches_tracked.copy_(source.num_batches_tracked)

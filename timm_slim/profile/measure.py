@@ -14,8 +14,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
+from ..channels import UnsupportedModelError
 from ..control import set_width, unwrap, use_width
-from ..layers import UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimLinear
+from ..convert import model_stages
+from ..layers import UNIVERSAL, SlimBatchNorm2d, SlimConv2d, SlimGroupNorm, SlimLinear
 from ..state import channel_table, slim_layers
 from ..width import Width
 from .rows import ProfileRows, WidthProfile
@@ -61,9 +63,19 @@ def used_parameters(model: nn.Module, width: Width) -> int:
         elif isinstance(layer, SlimLinear):
             inp, out = table[name]
             total += inp * out + (out if layer.bias is not None else 0)
-        elif isinstance(layer, SlimBatchNorm2d) and layer.affine:
+        elif isinstance(layer, (SlimBatchNorm2d, SlimGroupNorm)) and layer.affine:
             total += 2 * table[name][0]
-    return total
+    return total + _fixed_parameters(net)
+
+
+def _fixed_parameters(net: nn.Module) -> int:
+    """Parameters of the modules that are no slim layer (ECA's Conv1d): every width has all of
+    them. Slim layers' own children (private BatchNorms) and the extensions' extras do not count."""
+    skip = tuple(f'{name}.' for name, _ in slim_layers(net)) + tuple(f'{name}.' for name in net.slim.extras)
+    slim = {id(layer) for _, layer in slim_layers(net)}
+    return sum(p.numel() for name, module in net.named_modules()
+               if id(module) not in slim and not f'{name}.'.startswith(skip)
+               for p in module.parameters(recurse=False))
 
 
 def channel_summary(model: nn.Module, width: Optional[Width] = None) -> str:
@@ -84,16 +96,35 @@ def channel_summary(model: nn.Module, width: Optional[Width] = None) -> str:
 
 
 def _plain_channel_summary(model: nn.Module) -> str:
-    """The same summary for a plain timm model, read from its modules."""
-    def out_channels(module: nn.Module) -> int:
-        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-        return convs[-1].out_channels if convs else 0
+    """The same summary for a plain timm model: its stages' output channels, seen in one small
+    forward pass (a stage's last convolution need not be its output: GhostNet concatenates)."""
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    try:
+        stages = [model.get_submodule(name) for name in model_stages(model)]
+    except UnsupportedModelError:   # not a model family timm_slim converts: no stages to show
+        stages = []
+    seen: Dict[nn.Module, int] = {}
 
-    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).out_channels
-    stages = [model.get_submodule(f'layer{i}') for i in range(1, 5)] if hasattr(model, 'layer4') else list(
-        getattr(model, 'blocks', []))
+    def record(module: nn.Module, args, out: torch.Tensor) -> None:
+        seen[module] = out.shape[1]
+
+    handles = [m.register_forward_hook(record) for m in stages]
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, stem.in_channels, 64, 64, device=param.device, dtype=param.dtype)
+            # a feature model (features_only=True) has no forward_features: its forward is the features
+            outputs = model.eval().forward_features(x) if hasattr(model, 'forward_features') else model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
     features = getattr(model, 'num_features', None)
-    return f'{stem} / {"-".join(str(out_channels(s)) for s in stages)} / {features}'
+    if features is None and not isinstance(outputs, torch.Tensor):   # the channels of the features returned
+        features = ','.join(str(t.shape[1]) for t in (outputs.values() if isinstance(outputs, dict) else outputs))
+    return f'{stem.out_channels} / {"-".join(str(seen[s]) for s in stages if s in seen)} / {features}'
 
 
 @contextlib.contextmanager

@@ -42,9 +42,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import BlurPool2d, CecaModule, EcaModule
 
-from .channels import ChannelGraph, UnsupportedModelError, trace_channels
+from .channels import _TRACE_SIZES, ChannelGraph, UnsupportedModelError, trace_channels
 from .layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
+from .width import width_key
 
 __all__ = ['DATA_DRIVEN', 'IMPORTANCES', 'channel_importance', 'sort_channels']
 
@@ -61,11 +63,20 @@ class _Group:
     fixed: bool
     unit: int = 1                                                   # channels that move together
     slots: List[Tuple[torch.Tensor, int]] = field(default_factory=list)   # (tensor, dim) to permute
-    producers: List[nn.Module] = field(default_factory=list)        # dense layers writing it
+    producers: List[nn.Module] = field(default_factory=list)        # layers writing it (whole filters)
     readers: List[nn.Module] = field(default_factory=list)          # dense layers reading it
-    norms: List[nn.BatchNorm2d] = field(default_factory=list)       # BatchNorms normalising it
-    private: List[Tuple[SlimBatchNorm2d, nn.BatchNorm2d]] = field(default_factory=list)  # (shared, private)
+    norms: List[nn.Module] = field(default_factory=list)            # BatchNorms and GroupNorms normalising it
+    # (shared, private, positions of the private's channels in the shared one; None: the leading ones)
+    private: List[Tuple[SlimBatchNorm2d, nn.BatchNorm2d, Optional[torch.Tensor]]] = field(default_factory=list)
     label: str = ''
+    # A concatenation (GhostNet) or a grouped convolution that changes the count (SENet-154,
+    # EdgeTPU-V2) has no order of its own: it follows the groups it is made of.
+    parts: Tuple[int, ...] = ()
+    derived: Optional[Tuple[int, int, int]] = None
+
+    @property
+    def follows(self) -> bool:
+        return bool(self.parts) or self.derived is not None
 
 
 def _check_importance(importance: str, loader: Optional[Iterable]) -> None:
@@ -91,18 +102,46 @@ def _graph_of(model: nn.Module) -> ChannelGraph:
     return trace_channels(model, ())
 
 
+def _private_positions(model: nn.Module) -> Callable[[str, int], Optional[torch.Tensor]]:
+    """Where the channels of a supernet's private BatchNorm of width key ``key`` lie in group
+    ``root`` (None: the leading ones; a concatenation's are an index, see timm_slim.plan)."""
+    state = getattr(model, 'slim', None)
+    planner = getattr(state, 'planner', None)
+    if planner is None or not planner.has_layouts:
+        return lambda key, root: None
+    choices = {width_key(choice): choice for choice in state.space.choices if choice != 1.0}
+    return lambda key, root: planner.indices(choices[key]).get(root) if key in choices else None
+
+
 def _groups(model: nn.Module, graph: ChannelGraph) -> Dict[int, _Group]:
     """Every tensor dimension of ``model`` that carries a group's channels, by group."""
-    groups = {root: _Group(base=g.base, fixed=g.fixed, label=g.producers[0]) for root, g in graph.groups.items()}
+    groups = {root: _Group(base=g.base, fixed=g.fixed, label=g.producers[0] if g.producers else '',
+                           parts=g.parts, derived=g.derived) for root, g in graph.groups.items()}
+    units: List[Tuple[int, int, str]] = []   # (group, channels that must move together, the layer that says so)
+    positions = _private_positions(model)
     inner = set()   # private BatchNorms and calibrated statistics, handled with their owner
     for name, module in model.named_modules():
         if name in inner:
             continue
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (EcaModule, CecaModule)):
+            raise UnsupportedModelError(
+                f'sort_channels: layer {name} ({type(module).__name__}) is an ECA channel attention: its 1-D '
+                f'convolution slides over the channel axis, so a permutation changes which channels are neighbours '
+                f'and the sorted model would compute something else. Channel sorting is not available for ECA '
+                f'models: train the supernet from scratch, or convert without sorting (unsorted leading slices)')
+        if isinstance(module, BlurPool2d):
+            # one filter for every channel: a permutation commutes with it; timm's per-channel copies move along
+            if module.filt.shape[0] > 1:
+                if name not in graph.module_out:
+                    raise UnsupportedModelError(f'sort_channels: BlurPool2d {name} is not in the channel graph '
+                                                f'(not used by forward?)')
+                groups[graph.module_out[name]].slots.append((module.filt, 0))
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
             if name not in graph.layer_out:
                 raise UnsupportedModelError(f'sort_channels: layer {name} ({type(module).__name__}) is not in the '
                                             f'channel graph (not used by forward?)')
-            out, inp = groups[graph.layer_out[name]], graph.layer_in[name]
+            root, inp = graph.layer_out[name], graph.layer_in[name]
+            out = groups[root]
             dense = not isinstance(module, nn.Conv2d) or module.groups == 1
             out.slots.append((module.weight, 0))
             if module.bias is not None:
@@ -112,24 +151,37 @@ def _groups(model: nn.Module, graph: ChannelGraph) -> Dict[int, _Group]:
                 if inp is not None:
                     groups[inp].slots.append((module.weight, 1))
                     groups[inp].readers.append(module)
-            else:   # depthwise/grouped: input and output are one group; whole convolution groups move
-                out.unit = _lcm(out.unit, module.in_channels // module.groups)
-        elif isinstance(module, nn.BatchNorm2d):
+            else:   # depthwise/grouped: whole convolution groups of its input move (ResNeXt)
+                units.append((inp, module.in_channels // module.groups, name))
+                if out.derived is not None:   # it changes the count: its filters are the group's own
+                    out.producers.append(module)
+                    out.label = out.label or name
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             if name not in graph.norm_group:
-                raise UnsupportedModelError(f'sort_channels: BatchNorm {name} is not in the channel graph '
-                                            f'(not used by forward?)')
-            group = groups[graph.norm_group[name]]
+                raise UnsupportedModelError(f'sort_channels: {type(module).__name__} {name} is not in the channel '
+                                            f'graph (not used by forward?)')
+            root = graph.norm_group[name]
+            group = groups[root]
             group.norms.append(module)
-            group.slots.extend((t, 0) for t in (getattr(module, k) for k in _NORM_TENSORS) if t is not None)
+            group.slots.extend((t, 0) for t in (getattr(module, k, None) for k in _NORM_TENSORS) if t is not None)
+            if isinstance(module, nn.GroupNorm):   # statistics per group: whole groups move
+                units.append((root, module.num_channels // module.num_groups, name))
             if isinstance(module, SlimBatchNorm2d):   # its per-width state is handled here, with it
                 inner.update(f'{name}.{sub}' if name else sub for sub, _ in module.named_modules()
                              if sub.split('.')[0] in ('private', 'calib'))
                 if module.kind == SWITCHABLE:
-                    group.private.extend((module, p) for p in module.private.values())
+                    group.private.extend((module, p, positions(key, root)) for key, p in module.private.items())
         elif list(module.parameters(recurse=False)) or list(module.buffers(recurse=False)):
             raise UnsupportedModelError(
                 f'sort_channels: layer {name} ({type(module).__name__}) holds tensors whose channels cannot be '
-                f'permuted; only Conv2d, Linear and BatchNorm2d layers can')
+                f'permuted; only Conv2d, Linear, BatchNorm2d, GroupNorm and BlurPool2d layers can')
+    for root, unit, layer in units:
+        _require_unit(groups, root, unit, layer)
+    for root in _following(groups):
+        group = groups[root]
+        if not group.label:
+            group.label = (f'concatenation of {" + ".join(groups[p].label for p in group.parts)}' if group.parts
+                           else f'grouped convolution output of {groups[group.derived[0]].label}')
     for group in groups.values():
         for tensor, dim in group.slots:
             if tensor.shape[dim] != group.base:
@@ -137,6 +189,45 @@ def _groups(model: nn.Module, graph: ChannelGraph) -> Dict[int, _Group]:
                     f'sort_channels: a tensor of shape {tuple(tensor.shape)} in the group of {group.label} has '
                     f'{tensor.shape[dim]} channels on dim {dim}, the group {group.base}')
     return groups
+
+
+def _require_unit(groups: Dict[int, _Group], root: int, unit: int, layer: str) -> None:
+    """Group ``root`` moves in blocks of ``unit`` channels (a grouped convolution or GroupNorm
+    ``layer`` reads it in groups): in every part of a concatenation, in the conv groups of the
+    input of a derived group."""
+    group = groups[root]
+    if unit == 1 or group.fixed:
+        return
+    if group.parts:
+        for part in group.parts:
+            if groups[part].base % unit:
+                raise UnsupportedModelError(
+                    f'sort_channels: layer {layer} reads groups of {unit} channels across the parts of a '
+                    f'concatenation ({groups[part].base} channels in one part), so no permutation of the parts '
+                    f'keeps its groups')
+            _require_unit(groups, part, unit, layer)
+    elif group.derived is not None:
+        source, per_in, per_out = group.derived
+        _require_unit(groups, source, per_in * unit // math.gcd(per_out, unit), layer)
+    else:
+        group.unit = _lcm(group.unit, unit)
+
+
+def _following(groups: Dict[int, _Group]) -> List[int]:
+    """Concatenations and derived groups, each after the groups it is made of."""
+    order: List[int] = []
+
+    def visit(root: int) -> None:
+        group = groups[root]
+        if root in order or not group.follows:
+            return
+        for inner in group.parts or (group.derived[0],):
+            visit(inner)
+        order.append(root)
+
+    for root in groups:
+        visit(root)
+    return order
 
 
 def _lcm(a: int, b: int) -> int:
@@ -149,23 +240,25 @@ def _unit_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else scores
 
 
-def _summed(vectors: List[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([_unit_mean(v.detach().double()) for v in vectors]).sum(0)
+def _summed(vectors: List[torch.Tensor], base: int) -> torch.Tensor:
+    if not vectors:   # a concatenation nothing but its parts writes: its parts' own scores decide
+        return torch.zeros(base, dtype=torch.float64)
+    return torch.stack([_unit_mean(v.detach().double().cpu()) for v in vectors]).sum(0)
 
 
 def _filter_l1(group: _Group) -> torch.Tensor:
-    return _summed([m.weight.abs().flatten(1).sum(1) for m in group.producers])
+    return _summed([m.weight.abs().flatten(1).sum(1) for m in group.producers], group.base)
 
 
 def _reader_l1(group: _Group) -> torch.Tensor:
     if not group.readers:
         return _filter_l1(group)
-    return _summed([m.weight.abs().transpose(0, 1).flatten(1).sum(1) for m in group.readers])
+    return _summed([m.weight.abs().transpose(0, 1).flatten(1).sum(1) for m in group.readers], group.base)
 
 
 def _bn_gamma(group: _Group) -> torch.Tensor:
     norms = [n for n in group.norms if n.weight is not None]
-    return _summed([n.weight.abs() for n in norms]) if norms else _filter_l1(group)
+    return _summed([n.weight.abs() for n in norms], group.base) if norms else _filter_l1(group)
 
 
 _WEIGHT_MEASURES: Dict[str, Callable[[_Group], torch.Tensor]] = {
@@ -248,10 +341,30 @@ def _data_measure(model: nn.Module, groups: Dict[int, _Group], importance: str, 
 
 def _importance(model: nn.Module, groups: Dict[int, _Group], importance: str, loader: Optional[Iterable],
                 num_images: int) -> Dict[int, torch.Tensor]:
+    """Scores of every group that has an order of its own: its own, plus those of the concatenations
+    and derived groups that follow it, at the positions its channels take there."""
     if importance in DATA_DRIVEN:
-        return _data_measure(model, groups, importance, loader, num_images)
-    with torch.no_grad():
-        return {root: _WEIGHT_MEASURES[importance](g) for root, g in groups.items() if not g.fixed}
+        scores = _data_measure(model, groups, importance, loader, num_images)
+    else:
+        with torch.no_grad():
+            scores = {root: _WEIGHT_MEASURES[importance](g) for root, g in groups.items() if not g.fixed}
+    scores = {root: s.detach().double().cpu().clone() for root, s in scores.items()}
+    for root in reversed(_following(groups)):   # outermost first, so nested ones pass theirs on
+        group, own = groups[root], scores.pop(root, None)
+        if own is None:
+            continue
+        if group.parts:
+            offset = 0
+            for part in group.parts:
+                size = groups[part].base
+                if part in scores:
+                    scores[part] += own[offset:offset + size]
+                offset += size
+        else:   # a conv group of the output follows its conv group of the input
+            source, per_in, per_out = group.derived
+            if source in scores:
+                scores[source] += (own.view(-1, per_out).sum(1) / per_in).repeat_interleave(per_in)
+    return scores
 
 
 def channel_importance(model: nn.Module, importance: str = 'bn', loader: Optional[Iterable] = None,
@@ -281,19 +394,43 @@ def _permutation(scores: torch.Tensor, unit: int) -> torch.Tensor:
     return (order[:, None] * unit + torch.arange(unit, device=order.device)).flatten()
 
 
+def _permutations(groups: Dict[int, _Group], scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """The new order of every group: by its scores, or, for a concatenation, each part's order
+    at the part's offset (its channels at a width stay the leading ones of every part), and for
+    a derived group, whole conv groups where its input's conv groups go."""
+    perms = {root: torch.arange(g.base) if g.fixed else _permutation(scores[root], g.unit)
+             for root, g in groups.items() if not g.follows}
+    for root in _following(groups):
+        group = groups[root]
+        if group.parts:
+            pieces, offset = [], 0
+            for part in group.parts:
+                pieces.append(offset + perms[part])
+                offset += groups[part].base
+            perms[root] = torch.cat(pieces)
+        else:
+            source, per_in, per_out = group.derived
+            blocks = perms[source].view(-1, per_in)
+            assert bool((blocks == blocks[:, :1] + torch.arange(per_in)).all() and (blocks[:, 0] % per_in == 0).all())
+            perms[root] = ((blocks[:, 0] // per_in)[:, None] * per_out + torch.arange(per_out)).flatten()
+    return perms
+
+
 def _permute_private(group: _Group, perm: torch.Tensor) -> None:
-    """A private BatchNorm of ``k`` channels serves the leading ``k`` of its shared one: after the
-    move a channel keeps its private state if it had one, and starts from the shared state
-    (as ``add_private`` initialises it) if it enters the leading ``k``."""
-    for shared, private in group.private:
+    """A private BatchNorm of ``k`` channels serves ``k`` channels of its shared one (the leading
+    ones, or a concatenation's positions at its width): after the move a channel keeps its
+    private state if it had one, and starts from the shared state (as ``add_private``
+    initialises it) if it enters those positions."""
+    for shared, private, positions in group.private:
         k = private.num_features
         for key in _NORM_TENSORS:
             small, full = getattr(private, key), getattr(shared, key)
             if small is None:
                 continue
+            where = torch.arange(k) if positions is None else positions.cpu()
             merged = full.detach().clone()
-            merged[:k] = small
-            small.copy_(merged.index_select(0, perm.to(full.device))[:k])
+            merged[where.to(full.device)] = small
+            small.copy_(merged.index_select(0, perm.to(full.device))[where.to(full.device)])
 
 
 def _calibrated_norms(groups: Dict[int, _Group], drop: bool) -> List[SlimBatchNorm2d]:
@@ -327,8 +464,14 @@ class _Probe:
         if first.device.type != 'meta' and (state is None or state.width == 1.0):
             in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
             generator = torch.Generator().manual_seed(0)
-            self.x = torch.randn(2, in_chans, 32, 32, generator=generator).to(first)
-            self.before = self._run()
+            for size in _TRACE_SIZES:   # the smallest input the model runs on (GhostNetV2 needs 64)
+                self.x = torch.randn(2, in_chans, size, size, generator=generator).to(first)
+                try:
+                    self.before = self._run()
+                    break
+                except RuntimeError:
+                    if size == _TRACE_SIZES[-1]:
+                        raise
 
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
@@ -383,11 +526,11 @@ def sort_channels(model: nn.Module, importance: str = 'bn', loader: Optional[Ite
     probe = _Probe(model)
     moved = []
     with torch.no_grad():
-        privates = [p for g in groups.values() for _, p in g.private]
+        privates = [p for g in groups.values() for _, p, _ in g.private]
         saved = [{k: t.clone() for k, t in p.state_dict().items()} for p in privates]
-        for root, group in groups.items():
-            perm = _permutation(scores[root].cpu(), group.unit) if not group.fixed else None
-            if perm is None or torch.equal(perm, torch.arange(group.base)):
+        for root, perm in _permutations(groups, scores).items():
+            group = groups[root]
+            if torch.equal(perm, torch.arange(group.base)):
                 continue
             _permute_private(group, perm)
             _apply(group, perm)

@@ -4,6 +4,7 @@ kinds, the conversion and registry hooks, checkpoints, and bad input."""
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ from timm_slim.train.recipe import main
 
 FAMILIES = ['resnet18', 'seresnext26d_32x4d', 'mobilenetv2_050', 'mobilenetv3_small_050', 'efficientnet_b0',
             'lcnet_050', 'mnasnet_050']
+# one model of every family issue 14 added: GhostNet v1/v2/v3 (concatenations), GroupNorm, BiT
+# (StdConv2d + GroupNorm), BlurPool, MobileNetV4, RegNetX/Y, ResNetV2, legacy SENet, EdgeTPU-V2
+# (a grouped convolution that changes the count)
+NEW_FAMILIES = ['ghostnet_050', 'ghostnetv2_100', 'ghostnetv3_050', 'efficientnet_b0_gn', 'resnetv2_50x1_bit',
+                'resnetblur18', 'efficientnet_blur_b0', 'mobilenetv4_conv_small', 'regnetx_002', 'regnety_002',
+                'resnetv2_18', 'legacy_seresnet18', 'mobilenet_edgetpu_v2_xs']
+SIZE = {'ghostnetv2_100': 64, 'ghostnetv3_050': 64}   # they pool the last stage by 2: 32x32 is too small
 WEIGHT_MEASURES = ['l1', 'l1-next', 'bn']
 TINY = ['--model', 'mobilenetv2_050_slim', '--train-subset', '32', '--val-subset', '32', '--batch-size', '8',
         '--calib-images', '32', '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1', '--epochs', '1']
@@ -33,16 +41,17 @@ def _trained_like(name, dtype=torch.float64, **kwargs):
     model = timm.create_model(name, num_classes=10, **kwargs).to(dtype)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)) and module.weight is not None:
                 module.weight.uniform_(0.1, 2.0)
                 module.bias.uniform_(-0.5, 0.5)
+            if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     return model.eval()
 
 
-def _inputs(dtype=torch.float64, n=2):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
+def _inputs(dtype=torch.float64, n=2, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
 def _loader(labels=True, dtype=torch.float32):
@@ -56,12 +65,19 @@ def _loader(labels=True, dtype=torch.float32):
 
 
 def _units(model):
-    """Channels that must move together, by group label: whole convolution groups of ResNeXt."""
+    """Channels that must move together, by group label: whole convolution groups of ResNeXt and
+    of the input of a grouped convolution that changes the count, whole GroupNorm groups."""
     graph = trace_channels(model, ())
     units = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
-            units[graph.groups[graph.layer_out[name]].producers[0]] = module.in_channels // module.groups
+            root, unit = graph.layer_in[name], module.in_channels // module.groups
+        elif isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels:
+            root, unit = graph.norm_group[name], module.num_channels // module.num_groups
+        else:
+            continue
+        label = graph.groups[root].producers[0]
+        units[label] = math.lcm(units.get(label, 1), unit)
     return units
 
 
@@ -73,12 +89,13 @@ def _assert_non_increasing(scores, units, rtol=0.0):
 
 
 # -- the full width is unchanged ------------------------------------------------------------------
-@pytest.mark.parametrize('name', FAMILIES)
+@pytest.mark.parametrize('name', FAMILIES + NEW_FAMILIES)
 def test_full_width_computes_exactly_what_it_computed_on_every_family(name):
     model = _trained_like(name)
-    x = _inputs()
+    x = _inputs(size=SIZE.get(name, 32))
     with torch.no_grad():
         before = model(x)
+    assert before.std() > 1e-3   # an output that depends on the weights, not a constant
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     for importance in WEIGHT_MEASURES:
         sorting.sort_channels(model, importance)
@@ -116,7 +133,7 @@ def test_data_driven_sorting_keeps_the_full_width_and_leaves_no_hooks(importance
 
 
 # -- the order ------------------------------------------------------------------------------------
-@pytest.mark.parametrize('name', ['seresnext26d_32x4d', 'mobilenetv3_small_050', 'efficientnet_b0'])
+@pytest.mark.parametrize('name', ['seresnext26d_32x4d', 'mobilenetv3_small_050', 'efficientnet_b0'] + NEW_FAMILIES)
 @pytest.mark.parametrize('importance', WEIGHT_MEASURES)
 def test_importance_does_not_increase_along_each_group(name, importance):
     model = _trained_like(name)
@@ -130,6 +147,8 @@ def test_importance_does_not_increase_along_each_group(name, importance):
         torch.testing.assert_close(values.sort().values, before[label].sort().values)
     if name == 'seresnext26d_32x4d':
         assert units and set(units.values()) == {4, 8, 16, 32}
+    if name == 'efficientnet_b0_gn':
+        assert set(units.values()) == {8}   # GroupNorm groups of 8 channels
 
 
 @pytest.mark.parametrize('importance', ['activation', 'taylor'])

@@ -175,13 +175,90 @@ def test_resnext_moves_whole_convolution_groups():
         assert new[4 * block:4 * block + 4] == rows[4 * old:4 * old + 4]
 
 
+def _origin(new_rows, old_rows):
+    """Where every row of ``new_rows`` was in ``old_rows`` (rows are distinct)."""
+    old = [tuple(r.flatten().tolist()) for r in old_rows]
+    return [old.index(tuple(r.flatten().tolist())) for r in new_rows]
+
+
+def test_ghostnet_concatenation_moves_primary_and_cheap_halves_by_one_order():
+    model = _trained_like('ghostnet_050')
+    block = model.blocks[1][0]   # ghost1 (12 + 12 channels) -> depthwise conv_dw over the concatenation
+    primary, cheap, dw = block.ghost1.primary_conv[1], block.ghost1.cheap_operation[0], block.conv_dw
+    old = [primary.weight.clone(), cheap.weight.clone(), dw.weight.clone(), block.bn_dw.weight.clone()]
+    sorting.sort_channels(model, 'bn')
+    order = torch.tensor(_origin(primary.weight[:, None], old[0][:, None]))   # the primary half's BatchNorm
+    half = primary.num_features
+    assert not torch.equal(order, torch.arange(half))
+    # the cheap half is a depthwise convolution of the primary one: its channels follow theirs
+    assert torch.equal(cheap.weight, old[1][order])
+    # the concatenation [primary, cheap] moves as [order, half + order]: the leading slice of each
+    # part stays the active channels of a width (timm_slim.plan's layout)
+    layout = torch.cat([order, half + order])
+    assert torch.equal(dw.weight, old[2][layout]) and torch.equal(block.bn_dw.weight, old[3][layout])
+    # the scores it was sorted by: the part's own BatchNorms and the concatenation's, folded in
+    scores = sorting.channel_importance(model, 'bn')
+    assert 'blocks.1.0.ghost1.primary_conv.0' in scores
+    assert not any(label.startswith('concatenation') for label in scores)
+
+
+def test_groupnorm_moves_whole_groups_with_its_affine():
+    model = _trained_like('efficientnet_b0_gn')
+    conv, norm = model.blocks[1][0].conv_pw, model.blocks[1][0].bn1   # 96 channels, GroupNorm groups of 8
+    width = norm.num_channels // norm.num_groups
+    old_rows, old_gamma, old_beta = conv.weight.clone(), norm.weight.clone(), norm.bias.clone()
+    sorting.sort_channels(model, 'bn')
+    origin = torch.tensor(_origin(norm.weight[:, None], old_gamma[:, None]))
+    assert width == 8 and not torch.equal(origin, torch.arange(len(origin)))
+    blocks = origin.view(-1, width)
+    assert torch.equal(blocks, blocks[:, :1] + torch.arange(width)) and (blocks[:, 0] % width == 0).all()
+    assert torch.equal(norm.bias, old_beta[origin])
+    # the filters producing those channels moved with them (their input columns moved as well)
+    torch.testing.assert_close(conv.weight.sum((1, 2, 3)), old_rows.sum((1, 2, 3))[origin])
+    # 'bn' on a GroupNorm: |gamma| per channel, whole groups ordered by their sum
+    sums = norm.weight.abs().view(-1, width).sum(1)
+    assert sums[0] == old_gamma.abs().view(-1, width).sum(1).max()
+
+
+def test_timm_blurpool_per_channel_filters_move_with_their_channels():
+    model = _trained_like('resnetblur18')
+    blur = model.maxpool[1]
+    assert blur.channels == 64 and blur.filt.shape == (64, 1, 3, 3)
+    with torch.no_grad():   # a blur of its own per channel: only a matching permutation keeps the function
+        blur.filt.mul_(torch.linspace(0.5, 1.5, 64, dtype=blur.filt.dtype).view(-1, 1, 1, 1))
+    x = _inputs()
+    with torch.no_grad():
+        before = model(x)
+    sorting.sort_channels(model, 'bn')
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-5
+    assert not torch.equal(blur.filt.flatten(1)[:, 0], torch.linspace(0.5, 1.5, 64, dtype=blur.filt.dtype) / 16)
+
+
+@pytest.mark.parametrize('name', ['ecaresnet26t', 'ecaresnext26t_32x4d'])
+def test_eca_models_are_refused_with_the_reason_and_left_unchanged(name):
+    model = _trained_like(name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (r'sort_channels: layer layer1\.0\.se \(EcaModule\) is an ECA channel attention: its 1-D convolution '
+               r'slides over the channel axis, so a permutation changes which channels are neighbours.*'
+               r'Channel sorting is not available for ECA models: train the supernet from scratch, or convert '
+               r'without sorting')
+    with pytest.raises(UnsupportedModelError, match=message):
+        sorting.sort_channels(model, 'bn')
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(UnsupportedModelError, match=r'layer layer1\.0\.se \(EcaModule\)'):
+        timm_slim.slimmify(model, width_range=(0.5, 1.0), sort_channels='bn')
+
+
 # -- supernets: both BatchNorm kinds ---------------------------------------------------------------
-def test_snet_private_batchnorms_are_permuted_with_their_channels():
+@pytest.mark.parametrize('name', ['resnet18', 'ghostnet_050'])
+def test_snet_private_batchnorms_are_permuted_with_their_channels(name):
     widths = (0.35, 0.5, 1.0)
     # float32: slimmify makes private BatchNorms in float32 whatever the model's dtype
-    converted_sorted = timm_slim.slimmify(sorting.sort_channels(_trained_like('resnet18', torch.float32), 'bn'),
+    converted_sorted = timm_slim.slimmify(sorting.sort_channels(_trained_like(name, torch.float32), 'bn'),
                                           widths=widths)
-    sorted_converted = sorting.sort_channels(timm_slim.slimmify(_trained_like('resnet18', torch.float32),
+    sorted_converted = sorting.sort_channels(timm_slim.slimmify(_trained_like(name, torch.float32),
                                                                 widths=widths), 'bn')
     one, two = converted_sorted.state_dict(), sorted_converted.state_dict()
     assert one.keys() == two.keys() and any('.private.' in k for k in one)
@@ -208,6 +285,25 @@ def test_a_trained_private_batchnorm_keeps_its_channels_state():
         assert len(origin) == 1
         j = origin[0]   # channel i now is old channel j
         expected = old_private[j] if j < k else old_shared[j]
+        assert private.weight[i] == expected
+
+
+def test_a_trained_private_batchnorm_of_a_concatenation_keeps_its_channels_state():
+    model = timm_slim.slimmify(_trained_like('ghostnet_050'), widths=(0.5, 1.0)).double()
+    norm = model.bn1   # the stem's 8 channels are coupled with the first block's 4 + 4 concatenation
+    positions = model.slim.planner.indices(0.5)[model.slim.graph.norm_group['bn1']].tolist()
+    private = norm.private['0_5']
+    assert positions == [0, 1, 4, 5] and private.num_features == 4   # not the leading 4
+    with torch.no_grad():
+        private.weight.uniform_(3.0, 4.0)
+    old_shared, old_private = norm.weight.clone(), private.weight.clone()
+    sorting.sort_channels(model, 'bn')
+    assert not torch.equal(norm.weight, old_shared)
+    for i, position in enumerate(positions):
+        origin = (old_shared == norm.weight[position]).nonzero().flatten().tolist()
+        assert len(origin) == 1
+        j = origin[0]   # the channel at this position now is old channel j
+        expected = old_private[positions.index(j)] if j in positions else old_shared[j]
         assert private.weight[i] == expected
 
 

@@ -117,9 +117,10 @@ def test_classifier_outputs_and_input_channels_never_move():
     torch.testing.assert_close(model.classifier.weight.sum(1), head.sum(1))
 
 
+@pytest.mark.parametrize('name', ['mobilenetv3_small_050', 'ghostnet_050', 'efficientnet_b0_gn'])
 @pytest.mark.parametrize('importance', ['activation', 'taylor'])
-def test_data_driven_sorting_keeps_the_full_width_and_leaves_no_hooks(importance):
-    model = _trained_like('mobilenetv3_small_050', dtype=torch.float32)
+def test_data_driven_sorting_keeps_the_full_width_and_leaves_no_hooks(importance, name):
+    model = _trained_like(name, dtype=torch.float32)
     x = _inputs(torch.float32)
     with torch.no_grad():
         before = model(x)
@@ -129,7 +130,10 @@ def test_data_driven_sorting_keeps_the_full_width_and_leaves_no_hooks(importance
     assert not any(m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), before, atol=1e-5, rtol=1e-5)
+        # float32: a permuted sum rounds differently, by ~1e-6 of the output's scale (which is ~12
+        # for the GroupNorm EfficientNet); float64 runs of the same sort agree to ~1e-13
+        scale = before.abs().max().item()
+        torch.testing.assert_close(model.eval()(x), before, atol=1e-5 * max(1.0, scale), rtol=1e-5)
 
 
 # -- the order ------------------------------------------------------------------------------------

@@ -14,8 +14,16 @@ permutation per group, applied to every tensor dimension that carries the group'
 the output rows and biases of the layers that produce it (an SE expand convolution produces the
 group it multiplies), the input columns of the dense layers that read it, the rows of depthwise
 and grouped convolutions (ResNeXt: whole convolution groups move together), BatchNorm affine
-and statistics (a supernet's private S-Net BatchNorms too), and the classifier's input. The
-model input and the classifier's outputs never move.
+and statistics (a supernet's private S-Net BatchNorms too), GroupNorm affine (whole norm groups
+move together: its statistics are per group), timm ``BlurPool2d``'s per-channel copies of its one
+filter, and the classifier's input. The model input and the classifier's outputs never move.
+
+Some groups have no order of their own. A concatenation (GhostNet's primary and cheap halves)
+keeps the leading slice of every part at a width, so it moves as its parts' orders side by
+side; a grouped convolution that changes the count (SENet-154, EdgeTPU-V2) moves its output's
+conv groups where its input's go. Their scores are folded into the groups they follow, at the
+positions those take in them. ECA's channel-sliding convolution is refused: a permutation
+changes which channels are neighbours, so no order keeps its function.
 
 Importance measures (``IMPORTANCES``), per channel, summed over the group's members after
 scaling each member's scores to mean 1 (so no layer dominates by the scale of its weights):
@@ -29,8 +37,10 @@ scaling each member's scores to mean 1 (so no layer dominates by the scale of it
   (Molchanov et al., 2019): one gate per channel on the group's BatchNorm outputs, importance
   the sum over batches of the squared gradient of the loss with respect to the gate.
 
-Groups without a BatchNorm (an SE's hidden layer, MobileNetV3's ``conv_head``) use their
-producers' filters (``'bn'``) or outputs (the data-driven measures) instead.
+GroupNorms count as BatchNorms do (``'bn'``: ``|gamma|`` per channel; a block of channels
+that moves together is ranked by the sum of its scores). Groups without a norm (an SE's hidden
+layer, MobileNetV3's ``conv_head``) use their producers' filters (``'bn'``) or outputs (the
+data-driven measures) instead.
 """
 
 from __future__ import annotations
@@ -378,7 +388,9 @@ def channel_importance(model: nn.Module, importance: str = 'bn', loader: Optiona
         num_images: images the data-driven measures look at.
 
     Returns:
-        ``{name of the group's first producing layer: scores (float64, one per channel)}``.
+        ``{name of the group's first producing layer: scores (float64, one per channel)}`` for every
+        group with an order of its own; concatenations and the outputs of count-changing grouped
+        convolutions have no entry, their scores are folded into the groups they follow.
     """
     _check_importance(importance, loader)
     groups = _groups(model, _graph_of(model))
@@ -505,8 +517,8 @@ def sort_channels(model: nn.Module, importance: str = 'bn', loader: Optional[Ite
     optimizer (its state is not permuted) and before wrapping the model (DDP, accelerate).
 
     Args:
-        model: a timm ResNet / EfficientNet-builder / MobileNetV3 model (trained), or a supernet
-            (``slimmify``); a supernet's private S-Net BatchNorms are permuted with it.
+        model: a trained timm model of a supported family (ECA models are refused), or a
+            supernet (``slimmify``); a supernet's private S-Net BatchNorms are permuted with it.
         importance: one of ``IMPORTANCES``: ``'bn'``, ``'l1'``, ``'l1-next'`` (weights only),
             ``'activation'``, ``'taylor'`` (measured on ``loader``). ``'bn'`` (the default) beat the
             other weight-based measures on the digits; ``'taylor'`` beats it with no training.

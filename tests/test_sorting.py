@@ -345,6 +345,24 @@ def test_slimmify_and_create_model_sort_before_converting(tmp_path):
     timm_slim.load(tmp_path / 'sorted.safetensors')
 
 
+@pytest.mark.parametrize('name', ['ghostnet_050', 'efficientnet_b0_gn'])
+def test_slimmify_sorts_concatenations_and_groupnorms(name):
+    # float32: slimmify makes private BatchNorms in float32 whatever the model's dtype
+    reference = timm_slim.slimmify(sorting.sort_channels(_trained_like(name, torch.float32), 'bn'), widths=(0.35, 1.0))
+    converted = timm_slim.slimmify(_trained_like(name, torch.float32), widths=(0.35, 1.0), sort_channels='bn')
+    unsorted = timm_slim.slimmify(_trained_like(name, torch.float32), widths=(0.35, 1.0))
+    state, plain = converted.state_dict(), unsorted.state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert sum(not torch.equal(state[k], plain[k]) for k in plain) > len(plain) // 2
+    x = _inputs(torch.float32)
+    with torch.no_grad():
+        full = unsorted(x)   # width 1.0: the same function (float32 rounding of permuted sums aside)
+        torch.testing.assert_close(converted(x), full, atol=1e-5 * max(1.0, full.abs().max().item()), rtol=1e-5)
+        with timm_slim.use_width(converted, 0.35), timm_slim.use_width(unsorted, 0.35):
+            assert (converted(x) - unsorted(x)).abs().max() > 1e-3   # narrow widths hold other channels
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_unknown_importance_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown importance 'l2'; choose one of \['bn', 'l1', 'l1-next', "

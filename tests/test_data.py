@@ -112,3 +112,13 @@ def test_unknown_split_names_the_allowed_values():
         DigitsDataset('val')
     assert 'val' in str(info.value)
     assert DIGITS_SPLITS == ('train', 'test')
+
+
+def test_fit_and_val_divide_the_train_split_and_never_touch_test(train_set, test_set):
+    fit, val = DigitsDataset('fit'), DigitsDataset('val')
+    assert (len(fit), len(val)) == (1149, 288)
+    assert _image_keys(fit) | _image_keys(val) == _image_keys(train_set)
+    assert not _image_keys(fit) & _image_keys(val)
+    assert not _image_keys(val) & _image_keys(test_set)
+    assert set(val.targets) == set(range(10))   # stratified: every digit validates
+    assert 'fit' in DIGITS_SPLITS and 'val' in DIGITS_SPLITS

@@ -105,6 +105,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.method = 'usnet'  # the US-Net recipe's checks (width range, sandwich size, evaluation widths)
     check_args(args)
     args.method = 'dsnet'
+    if args.sample != 'uniform':
+        raise ValueError(f'--sample {args.sample}: DS-Net routes whole stages by its gates and Stage I samples the '
+                         f'routes the gates choose among; only --sample uniform applies')
     if args.num_widths < 3:
         raise ValueError(f'--num-widths: In-place Ensemble Bootstrapping needs at least 3 widths per step (the full '
                          f'width, random widths, the smallest route), got {args.num_widths}')

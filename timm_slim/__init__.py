@@ -12,6 +12,7 @@ from .features import feature_channels
 from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import DS_MODELS, SLIM_MODELS
 from .profile import plot_widths, profile
+from .search import search
 from .width import WidthSpace
 
 __version__ = '0.1.0'
@@ -37,6 +38,7 @@ __all__ = [
     'save_for_hub',
     'save_supernet',
     'save_width',
+    'search',
     'set_width',
     'slimmify',
     'unwrap',

@@ -20,7 +20,7 @@ __all__ = ['KINDS', 'UNITS', 'Budget', 'budgets_from', 'check_reachable', 'forma
 KINDS = ('macs', 'params', 'latency_ms')
 """The budget kinds ``search`` takes, as its keyword names."""
 
-UNITS = {'macs': 'MACs', 'params': 'parameters', 'latency_ms': 'ms'}
+UNITS = {'macs': ' MACs', 'params': ' parameters', 'latency_ms': ''}
 
 _SUFFIXES = {'': 1.0, 'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}
 _AMOUNT = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKMG]?)\s*(?:ms)?\s*$')
@@ -98,7 +98,7 @@ def check_reachable(budgets: Sequence[Budget], smallest: float, full: float) -> 
     """Refuse a budget below the smallest configuration's cost or above the full width's."""
     kind = budgets[0].kind
     reach = (f'reachable: {format_amount(smallest, kind)} (every stage at the smallest width) to '
-             f'{format_amount(full, kind)} (full width) {UNITS[kind]}')
+             f'{format_amount(full, kind)} (full width){UNITS[kind]}')
     for budget in budgets:
         if budget.value < smallest:
             raise ValueError(f'{kind} budget {format_amount(budget.value, kind)} is below what the smallest '

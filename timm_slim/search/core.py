@@ -10,7 +10,7 @@ by timing the exported plain model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
@@ -166,6 +166,7 @@ def search(
         population: int = 16,
         generations: int = 8,
         latency_rounds: int = 10,
+        latency_table: Optional[LatencyTable] = None,
 ) -> SearchRows:
     """The most accurate per-stage configuration of a US-Net for each budget.
 
@@ -186,6 +187,8 @@ def search(
             before the next best candidate replaces it.
         population, generations: evolution's sizes.
         latency_rounds: interleaved timing rounds of the exported picks.
+        latency_table: a table built before (``LatencyTable.build``, same grid and batch size), so
+            that several searches on one device share one measurement.
 
     Returns:
         :class:`SearchRows`: one pick per budget (name, configuration, MACs, params, latency,
@@ -209,7 +212,12 @@ def search(
     previous = net.slim.width
 
     counter = MacCounter(net, size)
-    table = LatencyTable.build(net, grid, size, batch_size) if kind == 'latency_ms' or measure_latency else None
+    table = latency_table
+    if table is not None and (table.grid != tuple(grid) or table.batch_size != batch_size):
+        raise ValueError(f'latency_table was built for grid {list(table.grid)} at batch {table.batch_size}; this '
+                         f'search uses grid {grid} at batch {batch_size}')
+    if table is None and (kind == 'latency_ms' or measure_latency):
+        table = LatencyTable.build(net, grid, size, batch_size)
     costs = {'macs': counter, 'params': lambda c: count_params(net, c),
              'latency_ms': table.predict if table is not None else None}
     cost_cache: Dict[Config, float] = {}
@@ -293,9 +301,11 @@ def _verify_latency(net, rows, picks, budgets, score, counter, table, size, batc
         for i, (budget, row) in enumerate(zip(budgets, rows)):
             timing = timings[str(i)]
             row.latency_ms, row.latency_iqr_ms = timing.median_ms, timing.iqr_ms
-            if budget.kind != 'latency_ms' or timing.median_ms <= budget.value * (1 + tolerance) or tries[budget] >= 3:
+            within = timing.median_ms <= budget.value * (1 + tolerance)
+            if budget.kind != 'latency_ms' or within or tries[budget] >= 3:
                 continue
-            faster = [c for c in picks[budget] if table.predict(c) < table.predict(_config(row.width, net.slim.num_stages))]
+            now = table.predict(_config(row.width, net.slim.num_stages))
+            faster = [c for c in picks[budget] if table.predict(c) < now]
             if not faster:
                 continue
             tries[budget] += 1

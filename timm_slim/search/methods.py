@@ -52,12 +52,18 @@ def greedy(score: Score, cost: Cost, grid: Sequence[float], num_stages: int, sto
     return path
 
 
-def _random_fitting(rng: random.Random, grid: Sequence[float], num_stages: int, fits: Callable[[Config], bool],
-                    tries: int) -> Config:
+def _random_fitting(rng: random.Random, grid: Sequence[float], num_stages: int, fresh: Callable[[Config], bool],
+                    fits: Callable[[Config], bool], tries: int) -> Config:
+    """A random configuration that fits (a new one if ``tries`` draws find one)."""
+    fitting = None
     for _ in range(tries):
         config = tuple(rng.choice(grid) for _ in range(num_stages))
-        if fits(config):
+        if fresh(config):
             return config
+        if fitting is None and fits(config):
+            fitting = config
+    if fitting is not None:
+        return fitting
     # the budget is tight: walk a random configuration down until it fits
     config = list(rng.choice(grid) for _ in range(num_stages))
     ordered = sorted(grid)
@@ -92,29 +98,36 @@ def evolution(score: Score, cost: Cost, grid: Sequence[float], num_stages: int, 
             seen.append(config)
         return config
 
-    members = [note(_random_fitting(rng, grid, num_stages, fits, tries)) for _ in range(population)]
+    def fresh(config: Config) -> bool:   # a child already evaluated teaches nothing: draw again
+        return fits(config) and config not in seen
+
+    members = [note(_random_fitting(rng, grid, num_stages, fresh, fits, tries)) for _ in range(population)]
     parents_count = max(1, int(round(population * parent_ratio)))
     mutations = int(round((population - parents_count) * mutation_ratio))
     for _ in range(generations):
         parents = sorted(members, key=key)[:parents_count]
         children: List[Config] = []
         for _ in range(mutations):
-            children.append(note(_child(rng, lambda: _mutate(rng, rng.choice(parents), grid, mutate_prob), fits,
+            children.append(note(_child(lambda p=parents: _mutate(rng, rng.choice(p), grid, mutate_prob), fresh, fits,
                                         tries, rng.choice(parents))))
         while len(parents) + len(children) < population:
-            children.append(note(_child(rng, lambda: _cross(rng, rng.choice(parents), rng.choice(parents)), fits,
+            children.append(note(_child(lambda p=parents: _cross(rng, rng.choice(p), rng.choice(p)), fresh, fits,
                                         tries, rng.choice(parents))))
         members = parents + children
     return seen
 
 
-def _child(rng: random.Random, make: Callable[[], Config], fits: Callable[[Config], bool], tries: int,
+def _child(make: Callable[[], Config], fresh: Callable[[Config], bool], fits: Callable[[Config], bool], tries: int,
            fallback: Config) -> Config:
+    """A new configuration that fits; else one that fits; else ``fallback`` (a parent)."""
+    fitting = None
     for _ in range(tries):
         child = make()
-        if fits(child):
+        if fresh(child):
             return child
-    return fallback
+        if fitting is None and fits(child):
+            fitting = child
+    return fitting if fitting is not None else fallback
 
 
 def _mutate(rng: random.Random, parent: Config, grid: Sequence[float], prob: float) -> Config:

@@ -26,10 +26,7 @@ from timm_slim.search import (
 
 
 def _loader(split: str, count: int, batch_size: int = 16):
-    data = DigitsDataset(split)
-    subset = torch.utils.data.Subset(data, list(range(count)))
-    subset.transform = None
-    loader = create_loader(data, input_size=(3, 32, 32), batch_size=batch_size, is_training=False,
+    loader = create_loader(DigitsDataset(split), input_size=(3, 32, 32), batch_size=batch_size, is_training=False,
                            use_prefetcher=False, mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
                            interpolation='bilinear', num_workers=0)
     images, labels = [], []
@@ -207,3 +204,26 @@ def test_budget_parsing():
     kind, budgets = budgets_from(latency_ms=['4ms', 2])
     assert kind == 'latency_ms' and [b.name for b in budgets] == ['latency-2ms', 'latency-4ms']
     assert budgets_from(macs='3M')[1][0].name == 'macs-3M'
+
+
+def test_named_configurations_work_wherever_a_width_does_and_survive_a_save(mobilenet, loaders, tmp_path):
+    calib, val = loaders
+    rows = timm_slim.search(mobilenet, calib, val, macs='3.5M', grid=[0.35, 1.0], calib_images=32)
+    name, width = rows[0].name, rows[0].width
+    assert mobilenet.slim.configs[name] == width and name == 'macs-3.5M'
+    assert timm_slim.set_width(mobilenet, name) == width and timm_slim.get_width(mobilenet) == width
+    timm_slim.set_width(mobilenet, 1.0)
+    assert timm_slim.profile(mobilenet, widths=[name], input_size=(3, 32, 32))[0].macs == rows[0].macs
+    timm_slim.save_width(mobilenet, name, tmp_path / 'pick.safetensors')
+    assert tuple(timm_slim.read_header(tmp_path / 'pick.safetensors')['width']) == width
+    timm_slim.save_supernet(mobilenet, tmp_path / 'supernet.safetensors')
+    loaded = timm_slim.load(tmp_path / 'supernet.safetensors').eval()
+    assert loaded.slim.configs == {name: width}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), timm_slim.use_width(loaded, name), timm_slim.use_width(mobilenet, name):
+        torch.testing.assert_close(loaded(x), mobilenet(x))   # its statistics travelled too
+    with pytest.raises(ValueError, match=r"unknown width 'macs-9M'.*named configurations of this supernet: "
+                                         r"'macs-3.5M'"):
+        timm_slim.set_width(loaded, 'macs-9M')
+    with pytest.raises(ValueError, match='must not be a number'):
+        loaded.slim.name_configs({'0.5': [0.5] * 7})

@@ -75,7 +75,7 @@ class SearchRows(list):
 
     def configs(self) -> Dict[str, List[float]]:
         """``{name: per-stage widths}`` of the picks, as the CLI, ``export`` and the Hub take them."""
-        return {row.name: _as_list(row.width) for row in self}
+        return rows_configs(self)
 
     def to_markdown(self) -> str:
         header = ['name', 'configuration', 'MACs', 'params', 'latency ms (exported)', 'val top-1 (%)']
@@ -96,6 +96,10 @@ class SearchRows(list):
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def rows_configs(rows: Sequence[SearchRow]) -> Dict[str, Union[float, List[float]]]:
+    return {row.name: _as_list(row.width) for row in rows}
 
 
 def _as_list(width: Width) -> Union[float, List[float]]:
@@ -193,8 +197,9 @@ def search(
     Returns:
         :class:`SearchRows`: one pick per budget (name, configuration, MACs, params, latency,
         validation accuracy), the Pareto front and the uniform curve. The picks keep their
-        calibrated statistics, so ``export(model, row.width)`` works at once; the model's width
-        is left as it was.
+        calibrated statistics and are named on the model (``model.slim.configs``), so
+        ``export(model, 'macs-3M')`` works at once and ``save_supernet`` keeps both; the model's
+        width is left as it was.
     """
     net = unwrap(model)
     _check_model(net)
@@ -257,6 +262,7 @@ def search(
         if measure_latency:
             rows = _verify_latency(net, rows, picks, budgets, score, counter, table, size, batch_size,
                                    latency_tolerance, latency_rounds, calib_loader, calib_images)
+        net.slim.name_configs(rows_configs(rows))
         front = _pareto([_row(net, c, score, counter, table) for c in score.scores], cost, stages)
         uniform_rows = [_row(net, c, score, counter, table) for c in uniform]
     finally:

@@ -3,6 +3,7 @@ and evolution rules, a search end to end on real models and real digits, and its
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -23,6 +24,7 @@ from timm_slim.search import (
     greedy,
     parse_amount,
 )
+from timm_slim.width import format_width
 
 
 def _loader(split: str, count: int, batch_size: int = 16):
@@ -227,3 +229,37 @@ def test_named_configurations_work_wherever_a_width_does_and_survive_a_save(mobi
         timm_slim.set_width(loaded, 'macs-9M')
     with pytest.raises(ValueError, match='must not be a number'):
         loaded.slim.name_configs({'0.5': [0.5] * 7})
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_cli_search_writes_table_plot_configs_and_a_supernet_the_other_verbs_read(tmp_path, capsys):
+    from timm_slim.cli import main
+
+    torch.manual_seed(0)
+    net = timm.create_model('mobilenetv2_050_slim', num_classes=10, width_range=(0.35, 1.0))
+    timm_slim.save_supernet(net, tmp_path / 'supernet.safetensors')
+    counter = MacCounter(net.eval(), (3, 32, 32))
+    budget = (counter(1.0) + counter(0.35)) / 2
+    argv = ['search', str(tmp_path / 'supernet.safetensors'), '--macs', f'{budget:.0f}', '--grid', '0.35,1',
+            '--calib-images', '32']
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "trained on the digits' 'train' split" in captured.err   # no run folder: the val images may be seen
+    out = tmp_path / 'search'
+    report = json.loads((out / 'search.json').read_text())
+    (name, width), = report['configs'].items()
+    assert name in captured.out and '| name | configuration | MACs |' in captured.out
+    assert report['picks'][0]['macs'] <= budget and (out / 'search.png').stat().st_size > 0
+    assert main(['export', str(out / 'supernet.safetensors'), '--width', name, '-o',
+                 str(tmp_path / 'pick.safetensors')]) == 0
+    assert timm_slim.read_header(tmp_path / 'pick.safetensors')['width'] == width
+    capsys.readouterr()
+    assert main(['profile', str(out / 'supernet.safetensors'), '--widths', f'{name},1.0', '--img-size',
+                 '32']) == 0
+    assert f'| {format_width(tuple(width))} |' in capsys.readouterr().out   # the named configuration's row
+    assert main(['search', str(tmp_path / 'supernet.safetensors'), '--grid', '0.35,1']) == 2
+    assert 'search needs a budget' in capsys.readouterr().err
+    assert main(['search', str(tmp_path / 'supernet.safetensors'), '--macs', '1k', '--params', '1M']) == 2
+    assert 'budgets of two kinds conflict' in capsys.readouterr().err
+    assert main(['export', str(out / 'supernet.safetensors'), '--width', 'macs-1G', '-o', str(tmp_path / 'x')]) == 2
+    assert f'a configuration of the supernet: {name}' in capsys.readouterr().err

@@ -11,6 +11,7 @@ from .budget import KINDS, Budget, budgets_from, check_reachable, format_amount,
 from .core import METHODS, SearchRow, SearchRows, default_grid, search
 from .cost import LatencyTable, MacCounter, time_models
 from .methods import evolution, greedy
+from .plots import plot_search
 
 __all__ = [
     'KINDS',
@@ -27,6 +28,7 @@ __all__ = [
     'format_amount',
     'greedy',
     'parse_amount',
+    'plot_search',
     'search',
     'time_models',
 ]

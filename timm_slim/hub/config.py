@@ -83,8 +83,9 @@ class RepoConfig:
             return self.configs[name]
         names = ', '.join(repr(n) for n in sorted(self.configs)) or 'none'
         held = ', '.join(format_width(f.width) for f in self.widths)
+        dynamic = "; or 'dynamic' (its DS-Net gates choose per input)" if self.gates is not None else ''
         raise ValueError(f'{label} has no configuration named {name!r}; its named configurations: [{names}]; '
-                         f'its widths: [{held}]')
+                         f'its widths: [{held}]{dynamic}')
 
     def select(self, width: Optional[Width], label: str) -> FileRecord:
         """The file of ``width`` (None: the supernet, or the only width of a single-width repo)."""

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Sequence, Tuple, Union
 
+from ..width import is_number
 from .common import CliError, add_model_argument, load_model, model_argument, parse_widths, widths_with_names
 
 FORMATS = ('md', 'csv', 'json')
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     spec = model_argument(args)
     _input_size(args, 3)  # malformed sizes fail before the model is built (its channels come below)
     named = args.widths is not None and ':' not in args.widths and any(
-        not _is_number(t) for t in args.widths.split(',') if t.strip())
+        not is_number(t) for t in args.widths.split(',') if t.strip())
     widths = None if args.widths is None or named else parse_widths(args.widths)
     if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in ('.png', '.svg'):
         raise CliError(f'--plot {args.plot!r} must end in .png or .svg')
@@ -113,14 +114,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_widths(rows, metric='macs', path=args.plot, title=rows.model)
     return 0
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _in_chans(model) -> int:

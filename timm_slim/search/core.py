@@ -180,7 +180,9 @@ def search(
         calib_loader: training images for BatchNorm calibration (same order every pass).
         val_loader: held-out training images and labels that score configurations; never the
             test split.
-        macs, params, latency_ms: the budget(s) of one kind: a number, text (``'3M'``) or a list.
+        macs: MACs budget(s): a number, text (``'3M'``) or a list; give budgets of one kind only.
+        params: parameter budget(s), as ``macs``.
+        latency_ms: latency budget(s) in ms on this device (exported model, ``batch_size``).
         batch_size: images per forward when timing (latency budgets, ``measure_latency``).
         method: ``'greedy'`` (AutoSlim) or ``'evolution'`` (Once-for-All).
         seed: evolution's random draws (greedy is deterministic anyway).
@@ -189,7 +191,8 @@ def search(
         measure_latency: time the picks' exported models (default: only for a latency budget).
         latency_tolerance: a latency pick may exceed its budget by this fraction (timing noise)
             before the next best candidate replaces it.
-        population, generations: evolution's sizes.
+        population: evolution's population size.
+        generations: evolution's number of generations.
         latency_rounds: interleaved timing rounds of the exported picks.
         latency_table: a table built before (``LatencyTable.build``, same grid and batch size), so
             that several searches on one device share one measurement.

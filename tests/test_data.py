@@ -108,10 +108,10 @@ def test_timm_create_loader_sets_the_transform(test_set):
 
 
 def test_unknown_split_names_the_allowed_values():
-    with pytest.raises(ValueError, match="'train', 'test'") as info:
-        DigitsDataset('val')
-    assert 'val' in str(info.value)
-    assert DIGITS_SPLITS == ('train', 'test')
+    with pytest.raises(ValueError, match="'train', 'test', 'fit', 'val'") as info:
+        DigitsDataset('validation')
+    assert 'validation' in str(info.value)
+    assert DIGITS_SPLITS == ('train', 'test', 'fit', 'val')
 
 
 def test_fit_and_val_divide_the_train_split_and_never_touch_test(train_set, test_set):

@@ -24,7 +24,7 @@ from timm_slim.search import (
     greedy,
     parse_amount,
 )
-from timm_slim.width import format_width
+from timm_slim.width import format_width, width_key
 
 
 def _loader(split: str, count: int, batch_size: int = 16):
@@ -126,6 +126,7 @@ def test_evolution_keeps_to_the_budget_finds_the_best_and_is_deterministic():
 # -- a search end to end ----------------------------------------------------------------------------
 def test_search_picks_meet_their_budgets_and_are_ready_to_export(mobilenet, loaders):
     calib, val = loaders
+    timm_slim.calibrate_bn(mobilenet, calib, widths=[0.35])   # a width calibrated before the search keeps its own
     grid = [0.35, 0.675, 1.0]
     counter = MacCounter(mobilenet, (3, 32, 32))
     full, small = counter(1.0), counter(0.35)
@@ -149,6 +150,8 @@ def test_search_picks_meet_their_budgets_and_are_ready_to_export(mobilenet, load
     front_top1 = [r.val_top1 for r in rows.front]
     assert front_costs == sorted(front_costs) and front_top1 == sorted(front_top1)
     assert timm_slim.get_width(mobilenet) == 1.0
+    kept = {width_key(r.width) for r in rows} | {'0_35'}
+    assert set(timm_slim.control.calibrated_widths(mobilenet)) == kept   # the tried ones were dropped
     # deterministic: the same search again gives the same picks
     again = timm_slim.search(mobilenet, calib, val, macs=budgets, grid=grid, calib_images=32)
     assert [(r.width, r.val_top1) for r in again] == [(r.width, r.val_top1) for r in rows]

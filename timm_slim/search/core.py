@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from ..control import calibrate_bn, set_width
+from ..control import calibrate_bn, calibrated_widths, set_width
 from ..export import export
 from ..layers import UNIVERSAL, SlimBatchNorm2d
 from ..state import slim_layers, unwrap
@@ -118,6 +118,7 @@ class _Scorer:
     def __init__(self, net: nn.Module, calib_loader: Iterable, val_loader: Iterable, calib_images: int) -> None:
         self.net, self.calib_loader, self.val_loader, self.calib_images = net, calib_loader, val_loader, calib_images
         self.scores: Dict[Config, Tuple[float, float]] = {}
+        self.kept = set(calibrated_widths(net))   # statistics the model had before: never dropped
 
     def __call__(self, config: Config) -> Tuple[float, float]:
         if config not in self.scores:
@@ -132,6 +133,8 @@ class _Scorer:
         if width == self.net.slim.space.high == 1.0:
             return
         key = width_key(width)
+        if key in self.kept:
+            return
         for _, layer in slim_layers(self.net):
             if isinstance(layer, SlimBatchNorm2d) and layer.kind == UNIVERSAL:
                 layer.calib.discard(key)

@@ -106,41 +106,50 @@ def search_run(model: str, folder: str, data: Dict[str, list], latency_rounds: i
         'latency_ms': timm_slim.search(net, data['calib'], data['val'], latency_ms=latency_budgets, grid=grid,
                                        calib_images=CALIB_IMAGES, latency_table=table, latency_rounds=latency_rounds),
     }
-    uniform_grid = [round(0.35 + 0.01 * i, 2) for i in range(66)]
-    uniform_macs = {w: counter(w) for w in uniform_grid}
+    # the uniform widths every 0.05, calibrated and scored like the picks: the curve to beat
+    curve = [round(0.35 + 0.05 * i, 2) for i in range(14)]
+    timm_slim.calibrate_bn(net, data['calib'], widths=curve, num_images=CALIB_IMAGES)
+    val_rows, test_rows = evaluate(net, data['val'], curve), evaluate(net, data['test'], curve)
+    out['uniform_curve'] = [{'width': w, 'macs': counter(w), 'val_top1': v['top1'], 'test_top1': t['top1'],
+                             'predicted_ms': table.predict(w) if w in grid else None}
+                            for w, v, t in zip(curve, val_rows, test_rows)]
+    by_width = {c['width']: c for c in out['uniform_curve']}
+    full_plain = timm_slim.export(net, 1.0)
     for kind, rows in searches.items():
         out.setdefault('front', {})[kind] = [{'width': _width_list(r.width), 'macs': r.macs,
                                               'latency_ms': r.predicted_latency_ms, 'val_top1': r.val_top1}
                                              for r in rows.front]
         out['evaluated_' + kind] = rows.evaluated
         for row in rows:
-            if kind == 'macs':
-                fitting = [w for w in uniform_grid if uniform_macs[w] <= row.budget]
+            if kind == 'macs':   # the best uniform width that fits, chosen on val as the search chooses
+                fitting = [w for w in curve if by_width[w]['macs'] <= row.budget]
             else:
                 fitting = [w for w in grid if table.predict(w) <= row.budget]
-            uniform = max(fitting)
+                for w in fitting:
+                    if w not in by_width:
+                        timm_slim.calibrate_bn(net, data['calib'], widths=[w], num_images=CALIB_IMAGES)
+                        by_width[w] = {'width': w, 'macs': counter(w), 'val_top1': evaluate(net, data['val'], [w])[0][
+                            'top1'], 'test_top1': evaluate(net, data['test'], [w])[0]['top1']}
+            uniform = max(fitting, key=lambda w: (by_width[w]['val_top1'], w))
             timm_slim.calibrate_bn(net, data['calib'], widths=[row.width, uniform], num_images=CALIB_IMAGES)
-            found_test, uniform_test = evaluate(net, data['test'], [row.width, uniform])
-            uniform_val = evaluate(net, data['val'], [uniform])[0]
-            plain = {'found': timm_slim.export(net, row.width), 'uniform': timm_slim.export(net, uniform)}
-            timings = time_models(plain, (3, 32, 32), rounds=latency_rounds)
+            found_test = evaluate(net, data['test'], [row.width])[0]
+            plain = {'full': full_plain, 'found': timm_slim.export(net, row.width),
+                     'uniform': timm_slim.export(net, uniform)}
+            timings = time_models(plain, (3, 32, 32), rounds=latency_rounds, per_round=3)
+            scale = table.predict(1.0)   # paired ratios to the full width, on the table's scale
             out['rows'].append({
                 'kind': kind, 'name': row.name, 'budget': row.budget, 'found': _width_list(row.width),
                 'found_macs': row.macs, 'found_macs_fvcore': counter.fvcore(row.width), 'found_params': row.params,
                 'found_val': row.val_top1, 'found_test': found_test['top1'],
                 'found_predicted_ms': row.predicted_latency_ms, 'found_ms': timings['found'].median_ms,
-                'found_iqr_ms': timings['found'].iqr_ms,
-                'uniform': uniform, 'uniform_macs': uniform_macs[uniform], 'uniform_val': uniform_val['top1'],
-                'uniform_test': uniform_test['top1'], 'uniform_predicted_ms': table.predict(uniform)
-                if uniform in grid else None, 'uniform_ms': timings['uniform'].median_ms,
-                'uniform_iqr_ms': timings['uniform'].iqr_ms,
+                'found_paired_ms': paired_ratio(timings['found'], timings['full'], 3) * scale,
+                'uniform': uniform, 'uniform_macs': by_width[uniform]['macs'], 'uniform_val': by_width[uniform][
+                    'val_top1'], 'uniform_test': by_width[uniform]['test_top1'],
+                'uniform_predicted_ms': table.predict(uniform) if uniform in grid else None,
+                'uniform_ms': timings['uniform'].median_ms,
+                'uniform_paired_ms': paired_ratio(timings['uniform'], timings['full'], 3) * scale,
                 'paired_ratio': paired_ratio(timings['found'], timings['uniform'], per_round=3),
             })
-    # the uniform curve on the test split, for the plot
-    curve = [round(0.35 + 0.05 * i, 2) for i in range(14)]
-    timm_slim.calibrate_bn(net, data['calib'], widths=curve, num_images=CALIB_IMAGES)
-    out['uniform_curve'] = [{'width': w, 'macs': uniform_macs[round(w, 2)], 'test_top1': r['top1']}
-                            for w, r in zip(curve, evaluate(net, data['test'], curve))]
     out['minutes'] = (time.time() - started) / 60
     tmp = path + '.tmp'
     with open(tmp, 'w') as handle:
@@ -156,8 +165,8 @@ def _cell(values: List[float]) -> str:
 
 
 def report(results: Dict[str, List[dict]]) -> str:
-    lines = ['| model | budget | found: configuration (seed 42) | MACs | ms | test top-1 (%) | best uniform that fits '
-             '| MACs | ms | test top-1 (%) | found / uniform time (paired) |',
+    lines = ['| model | budget | found: configuration (seed 42) | MACs | ms | val / test top-1 (%) | best uniform '
+             'that fits | MACs | ms | val / test top-1 (%) | found / uniform time (paired) |',
              '|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|']
     for model, runs in results.items():
         for index, first in enumerate(runs[0]['rows']):
@@ -167,10 +176,11 @@ def report(results: Dict[str, List[dict]]) -> str:
             uniforms = ', '.join(sorted({f'{r["uniform"]:g}' for r in rows}))
             budget = f'{first["name"]} ({"macs" if first["kind"] == "macs" else "latency"})'
             lines.append(
-                f'| {model} | {budget} | ({widths}) | {first["found_macs"] / 1e6:.2f}M | {first["found_ms"]:.2f} | '
+                f'| {model} | {budget} | ({widths}) | {first["found_macs"] / 1e6:.2f}M | '
+                f'{first["found_paired_ms"]:.2f} | {_cell([r["found_val"] for r in rows])} / '
                 f'{_cell([r["found_test"] for r in rows])} | {uniforms} | {first["uniform_macs"] / 1e6:.2f}M | '
-                f'{first["uniform_ms"]:.2f} | {_cell([r["uniform_test"] for r in rows])} | '
-                f'{_cell([r["paired_ratio"] for r in rows])} |')
+                f'{first["uniform_paired_ms"]:.2f} | {_cell([r["uniform_val"] for r in rows])} / '
+                f'{_cell([r["uniform_test"] for r in rows])} | {_cell([r["paired_ratio"] for r in rows])} |')
     return '\n'.join(lines)
 
 
@@ -231,8 +241,10 @@ def main() -> int:
                f'thread(s), torch {torch.__version__}, timm {timm.__version__}; {minutes:.0f} minutes of search')
     text = (f'Measured with `{command}` ({machine}). Seeds {args.seeds}: test top-1 is the mean ± spread '
             f'(population standard deviation) over the training seeds; configurations, MACs and times are seed '
-            f'42\'s. Times: the exported plain models at batch 1, 32x32, median of {args.latency_rounds} '
-            f'interleaved rounds (ms); the ratio is the median over rounds of found / uniform.\n\n{report(results)}')
+            f'42\'s. Times (ms): the exported plain models at batch 1, 32x32, timed side by side with the exported '
+            f'full width over {args.latency_rounds} interleaved rounds; a time is the median over rounds of its '
+            f'ratio to the full width, times the table\'s full-width latency (the scale the budgets are in); the '
+            f'last column is the median over rounds of found / uniform.\n\n{report(results)}')
     print(text)
     plot(results, os.path.join(args.output, 'search_fronts.png'))
     if args.write_docs:

@@ -146,6 +146,8 @@ def test_search_picks_meet_their_budgets_and_are_ready_to_export(mobilenet, load
         assert sum(p.numel() for p in plain.parameters()) == row.params
     assert rows.configs() == {r.name: list(r.width) if isinstance(r.width, tuple) else r.width for r in rows}
     assert [r.width for r in rows.uniform] == grid
+    for row in rows:   # uniform configurations are candidates: a pick is never worse on val than one that fits
+        assert all(row.val_top1 >= u.val_top1 for u in rows.uniform if u.macs <= row.budget)
     front_costs = [r.macs for r in rows.front]
     front_top1 = [r.val_top1 for r in rows.front]
     assert front_costs == sorted(front_costs) and front_top1 == sorted(front_top1)
@@ -171,6 +173,7 @@ def test_evolution_search_and_a_latency_budget_timed_on_the_exported_model(loade
     rows = timm_slim.search(net, calib, val, latency_ms=budget, grid=grid, calib_images=16, latency_rounds=2,
                             latency_table=table)
     assert rows.kind == 'latency_ms' and rows[0].latency_ms > 0 and rows[0].predicted_latency_ms > 0
+    assert rows[0].paired_latency_ms > 0   # its time relative to the full width's, on the table's scale
     assert rows[0].predicted_latency_ms <= budget and rows.latency_table is table
     with pytest.raises(ValueError, match=r'latency_table was built for grid \[0.35, 1.0\] at batch 1; this search '
                                          r'uses grid \[0.35, 1.0\] at batch 2'):

@@ -223,6 +223,8 @@ def main() -> int:
     parser.add_argument('--output', default=os.path.join(ROOT, 'output', 'search-bench'))
     parser.add_argument('--latency-rounds', type=int, default=20)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--finished-only', action='store_true', help='report only the runs whose search.json exists '
+                        '(train and search nothing)')
     parser.add_argument('--write-docs', action='store_true', help='rewrite the section of docs/search.md and its plot')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,6 +234,8 @@ def main() -> int:
     for seed in (int(s) for s in args.seeds.split(',')):   # every model's first seed first
         for model in args.models.split(','):
             folder = os.path.join(args.output, f'{model}-s{seed}')
+            if args.finished_only and not os.path.isfile(os.path.join(folder, 'search.json')):
+                continue
             train(model, seed, folder, args.epochs)
             results.setdefault(model, []).append(search_run(model, folder, data, args.latency_rounds))
             print(f'{model} seed {seed} done ({(time.time() - started) / 60:.1f} min)', file=sys.stderr)
@@ -239,7 +243,8 @@ def main() -> int:
     minutes = sum(r['minutes'] for runs in results.values() for r in runs)
     machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} intra-op '
                f'thread(s), torch {torch.__version__}, timm {timm.__version__}; {minutes:.0f} minutes of search')
-    text = (f'Measured with `{command}` ({machine}). Seeds {args.seeds}: test top-1 is the mean ± spread '
+    seeds = '; '.join(f'{m}: {len(r)} seed(s)' for m, r in results.items())
+    text = (f'Measured with `{command}` ({machine}). Runs: {seeds} (of {args.seeds}); top-1 is the mean ± spread '
             f'(population standard deviation) over the training seeds; configurations, MACs and times are seed '
             f'42\'s. Times (ms): the exported plain models at batch 1, 32x32, timed side by side with the exported '
             f'full width over {args.latency_rounds} interleaved rounds; a time is the median over rounds of its '

@@ -226,12 +226,12 @@ def test_named_configurations_work_wherever_a_width_does_and_survive_a_save(mobi
     assert tuple(timm_slim.read_header(tmp_path / 'pick.safetensors')['width']) == width
     timm_slim.save_supernet(mobilenet, tmp_path / 'supernet.safetensors')
     loaded = timm_slim.load(tmp_path / 'supernet.safetensors').eval()
-    assert loaded.slim.configs == {name: width}
+    assert loaded.slim.configs == mobilenet.slim.configs and loaded.slim.configs[name] == width
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), timm_slim.use_width(loaded, name), timm_slim.use_width(mobilenet, name):
         torch.testing.assert_close(loaded(x), mobilenet(x))   # its statistics travelled too
     with pytest.raises(ValueError, match=r"unknown width 'macs-9M'.*named configurations of this supernet: "
-                                         r"'macs-3.5M'"):
+                                         r".*'macs-3.5M'"):
         timm_slim.set_width(loaded, 'macs-9M')
     with pytest.raises(ValueError, match='must not be a number'):
         loaded.slim.name_configs({'0.5': [0.5] * 7})

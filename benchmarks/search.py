@@ -95,6 +95,8 @@ def search_run(model: str, folder: str, data: Dict[str, list], latency_rounds: i
     full_macs = counter(1.0)
     macs_budgets = [round(full_macs * f) for f in MACS_FRACTIONS]
     table = LatencyTable.build(net, grid, (3, 32, 32), batch_size=1, rounds=8)
+    timm_slim.calibrate_bn(net, data['calib'], widths=[grid[0]], num_images=CALIB_IMAGES)
+    table.anchor_to_exported(net, (3, 32, 32), rounds=latency_rounds)   # onto the exported models' scale
     full_ms, smallest_ms = table.predict(1.0), table.predict(grid[0])
     latency_budgets = [round(smallest_ms + (full_ms - smallest_ms) * f, 4) for f in LATENCY_FRACTIONS]
     out = {'model': model, 'grid': grid, 'full_macs': full_macs, 'full_latency_ms': full_ms, 'rows': []}

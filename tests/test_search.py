@@ -169,6 +169,11 @@ def test_evolution_search_and_a_latency_budget_timed_on_the_exported_model(loade
                             population=4, generations=2, seed=1)
     assert rows[0].params <= 4e6 and rows.method == 'evolution' and rows[0].latency_ms is None
     table = LatencyTable.build(net, grid, (3, 32, 32), rounds=1, per_round=1)
+    full = table.predict(1.0)
+    timm_slim.calibrate_bn(net, calib, widths=[0.35])
+    table.anchor_to_exported(net, (3, 32, 32), rounds=2)   # onto the exported models: the full width keeps its value
+    assert table.anchor is not None and table.predict(1.0) == pytest.approx(full)
+    assert table.predict(0.35) == pytest.approx(table.anchor[2])
     budget = (table.predict(1.0) + table.predict(0.35)) / 2
     rows = timm_slim.search(net, calib, val, latency_ms=budget, grid=grid, calib_images=16, latency_rounds=2,
                             latency_table=table)

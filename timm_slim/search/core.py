@@ -136,14 +136,17 @@ class _Scorer:
         return self.scores[config]
 
     def forget(self, width: Width) -> None:
-        if width == self.net.slim.space.high == 1.0:
+        if width == self.net.slim.space.high == 1.0 or width_key(width) in self.kept:
             return
-        key = width_key(width)
-        if key in self.kept:
-            return
-        for _, layer in slim_layers(self.net):
-            if isinstance(layer, SlimBatchNorm2d) and layer.kind == UNIVERSAL:
-                layer.calib.discard(key)
+        _discard(self.net, width)
+
+
+def _discard(net: nn.Module, width: Width) -> None:
+    """Drop one width's calibrated statistics from every universal BatchNorm."""
+    key = width_key(width)
+    for _, layer in slim_layers(net):
+        if isinstance(layer, SlimBatchNorm2d) and layer.kind == UNIVERSAL:
+            layer.calib.discard(key)
 
 
 def _check_model(net: nn.Module) -> None:
@@ -204,7 +207,8 @@ def search(
         generations: evolution's number of generations.
         latency_rounds: interleaved timing rounds of the exported picks.
         latency_table: a table built before (``LatencyTable.build``, same grid and batch size), so
-            that several searches on one device share one measurement.
+            that several searches on one device share one measurement; anchored to the exported
+            models here unless it is already (``anchor_to_exported``).
 
     Returns:
         :class:`SearchRows`: one pick per budget (name, configuration, MACs, params, latency,
@@ -235,6 +239,12 @@ def search(
                          f'search uses grid {grid} at batch {batch_size}')
     if table is None and (kind == 'latency_ms' or measure_latency):
         table = LatencyTable.build(net, grid, size, batch_size)
+    if table is not None and table.anchor is None:   # onto the exported models' scale
+        had = set(calibrated_widths(net))
+        calibrate_bn(net, calib_loader, widths=[grid[0]], num_images=calib_images)
+        table.anchor_to_exported(net, size, rounds=latency_rounds)
+        if width_key(grid[0]) not in had:
+            _discard(net, grid[0])
     costs = {'macs': counter, 'params': lambda c: count_params(net, c),
              'latency_ms': table.predict if table is not None else None}
     cost_cache: Dict[Config, float] = {}

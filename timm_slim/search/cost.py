@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..control import set_width, use_width
 from ..layers import SlimConv2d, SlimLinear
-from ..profile import Timing, count_macs, time_interleaved, used_parameters
+from ..profile import Timing, count_macs, paired_ratio, time_interleaved, used_parameters
 from ..profile.measure import measuring, stand_in_statistics
 from ..state import channel_table, slim_layers
 from ..width import Width, stage_widths
@@ -115,6 +115,8 @@ class LatencyTable:
                  batch_size: int) -> None:
         self.stages, self.grid, self.batch_size = tuple(stages), tuple(grid), batch_size
         self.entries = {k: dict(v) for k, v in entries.items()}
+        # (table's smallest, table's full, the smallest's exported time on the full width's scale)
+        self.anchor: Optional[Tuple[float, float, float]] = None
 
     @classmethod
     def build(cls, net: nn.Module, grid: Sequence[float], input_size: Sequence[int], batch_size: int = 1,
@@ -177,8 +179,34 @@ class LatencyTable:
                          for key, by_round in by_key.items()} for seg, by_key in samples.items()}
         return cls(stages, grid, entries, batch_size)
 
+    def anchor_to_exported(self, net: nn.Module, input_size: Sequence[int], rounds: int = 10) -> None:
+        """Map the table onto exported plain models: the sums of per-segment fastest calls run
+        low against a whole exported model, most at the narrow end (per-layer overhead). The
+        smallest and the full grid width are exported and timed side by side; from then on
+        :meth:`predict` is the affine map of the table's sum that keeps the full width's value
+        and gives the smallest its paired time (the ratio to the full width). Needs the smallest
+        width's BatchNorm statistics (``calibrate_bn``) to export it."""
+        from ..export import export
+
+        self.anchor = None
+        small, full = self.grid[0], self.grid[-1]
+        timings = time_models({'small': export(net, small), 'full': export(net, full)}, input_size,
+                              batch_size=self.batch_size, rounds=rounds, per_round=3)
+        ratio = paired_ratio(timings['small'], timings['full'], 3)
+        self.anchor = (self.predict(small), self.predict(full), ratio * self.predict(full))
+
     def predict(self, width: Width) -> float:
-        """The table's latency of a configuration (ms); its widths must be grid widths."""
+        """The table's latency of a configuration (ms); its widths must be grid widths. Once
+        anchored (:meth:`anchor_to_exported`), on the exported models' scale."""
+        raw = self._sum(width)
+        if self.anchor is None:
+            return raw
+        small, full, small_exported = self.anchor
+        if full == small:
+            return raw
+        return small_exported + (raw - small) * (full - small_exported) / (full - small)
+
+    def _sum(self, width: Width) -> float:
         widths = stage_widths(width, len(self.stages))
         try:
             total = self.entries['stem'][(None, widths[0])] + self.entries['head'][(None, widths[-1])]
@@ -191,6 +219,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict:
         return {'stages': list(self.stages), 'grid': list(self.grid), 'batch_size': self.batch_size,
+                'anchor': list(self.anchor) if self.anchor else None,
                 'entries': {seg: [[k[0], k[1], v] for k, v in by_key.items()] for seg, by_key in self.entries.items()}}
 
 

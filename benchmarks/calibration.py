@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -24,6 +23,9 @@ import timm
 import torch
 
 import timm_slim
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from docs_section import write_section  # noqa: E402
 
 MODELS = ('mobilenetv2_100', 'resnet50')
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
@@ -70,16 +72,7 @@ def report(rows: List[dict]) -> str:
 
 
 def write_docs(text: str) -> None:
-    path = os.path.join(DOCS, 'benchmarks.md')
-    with open(path) as handle:
-        page = handle.read()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f'{path} has no {BEGIN} ... {END} section to fill')
-    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _: f'{BEGIN}\n{text}\n{END}', page, flags=re.S)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as handle:
-        handle.write(page)
-    os.replace(tmp, path)
+    write_section(os.path.join(DOCS, 'benchmarks.md'), BEGIN, END, text)
 
 
 def main() -> int:

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,9 @@ import torch
 
 import timm_slim
 from timm_slim.profile import ProfileRows, Timing, paired_ratio, plot_widths, time_interleaved
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from docs_section import write_section  # noqa: E402
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
 PER_ROUND = 3  # calls of each candidate per round; the fastest of them counts in the ratios
@@ -149,16 +151,7 @@ def plot(results: List[dict], built: dict, path: str) -> None:
 
 
 def write_docs(text: str) -> None:
-    path = os.path.join(DOCS, 'benchmarks.md')
-    with open(path) as handle:
-        page = handle.read()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f'{path} has no {BEGIN} ... {END} section to fill')
-    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _: f'{BEGIN}\n{text}\n{END}', page, flags=re.S)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as handle:
-        handle.write(page)
-    os.replace(tmp, path)
+    write_section(os.path.join(DOCS, 'benchmarks.md'), BEGIN, END, text)
 
 
 def main() -> int:

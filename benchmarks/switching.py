@@ -22,7 +22,6 @@ import copy
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -37,6 +36,9 @@ import timm_slim
 from timm_slim.channel_rule import replay_timm_channels
 from timm_slim.train import Sandwich, train_step
 from timm_slim.width import stage_widths
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from docs_section import write_section  # noqa: E402
 
 MODELS = ('mobilenetv2_100', 'mobilenetv3_large_100', 'efficientnet_b0', 'resnet50')
 STEP_MODEL = 'mobilenetv2_100'
@@ -188,16 +190,7 @@ def report(switches: List[dict], steps: Dict[tuple, dict]) -> str:
 
 
 def write_docs(text: str) -> None:
-    path = os.path.join(DOCS, 'benchmarks.md')
-    with open(path) as handle:
-        page = handle.read()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f'{path} has no {BEGIN} ... {END} section to fill')
-    page = re.sub(re.escape(BEGIN) + '.*?' + re.escape(END), lambda _: f'{BEGIN}\n{text}\n{END}', page, flags=re.S)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as handle:
-        handle.write(page)
-    os.replace(tmp, path)
+    write_section(os.path.join(DOCS, 'benchmarks.md'), BEGIN, END, text)
 
 
 def main() -> int:

@@ -108,7 +108,17 @@ def test_timm_create_loader_sets_the_transform(test_set):
 
 
 def test_unknown_split_names_the_allowed_values():
-    with pytest.raises(ValueError, match="'train', 'test'") as info:
-        DigitsDataset('val')
-    assert 'val' in str(info.value)
-    assert DIGITS_SPLITS == ('train', 'test')
+    with pytest.raises(ValueError, match="'train', 'test', 'fit', 'val'") as info:
+        DigitsDataset('validation')
+    assert 'validation' in str(info.value)
+    assert DIGITS_SPLITS == ('train', 'test', 'fit', 'val')
+
+
+def test_fit_and_val_divide_the_train_split_and_never_touch_test(train_set, test_set):
+    fit, val = DigitsDataset('fit'), DigitsDataset('val')
+    assert (len(fit), len(val)) == (1149, 288)
+    assert _image_keys(fit) | _image_keys(val) == _image_keys(train_set)
+    assert not _image_keys(fit) & _image_keys(val)
+    assert not _image_keys(val) & _image_keys(test_set)
+    assert set(val.targets) == set(range(10))   # stratified: every digit validates
+    assert 'fit' in DIGITS_SPLITS and 'val' in DIGITS_SPLITS

@@ -548,7 +548,8 @@ def test_dsnet_arguments_that_change_the_weights_are_refused(dsnet, hub, fresh_c
         timm.create_model('hf-hub:user/dsnet', pretrained=True, choices=(0.5, 1.0))
     with pytest.raises(ValueError, match=r"user/usnet holds no DS-Net gates, so it has no width 'dynamic'"):
         timm_slim.load_from_hub('user/usnet', width='dynamic')
-    with pytest.raises(ValueError, match='a width must be a finite number'):
+    with pytest.raises(ValueError, match=r"has no configuration named 'fast'; its named configurations: \[none\]; "
+                                         r"its widths: \[.*\]; or 'dynamic'"):
         timm_slim.load_from_hub('user/dsnet', width='fast')
     assert _fetched(hub) == {'config.json'}
 
@@ -612,3 +613,27 @@ def test_cli_pushes_a_dsnet_run_target(dsnet, hub, fresh_cache, x, tmp_path, cap
     expected, _ = _dynamic_outputs(dsnet, x)
     out, _ = _dynamic_outputs(timm.create_model('hf-hub:user/cli-ds', pretrained=True), x)
     assert torch.equal(out, expected)
+
+
+def test_a_named_configuration_is_published_and_fetched_alone_by_its_name(hub, fresh_cache, x) -> None:
+    torch.manual_seed(2)
+    model = timm.create_model('mobilenetv2_100_slim', num_classes=NUM_CLASSES, width_range=(0.35, 1.0)).eval()
+    _randomise_bn(model, 2)
+    config = (0.35, 0.5, 1.0, 0.35, 0.75, 0.5, 1.0)
+    model.slim.name_configs({'macs-3M': config})
+    timm_slim.push_to_hub(model, 'user/searched', widths=[0.5, 'macs-3M'], calib_loader=_digits_loader(),
+                          input_size=(3, 32, 32))
+    repo = json.loads(hub.files('user/searched')['config.json'])
+    assert repo['slim']['configs'] == {'macs-3M': list(config)}
+    assert width_filename(config) in hub.files('user/searched')
+    hub.reset_requests()
+    plain = timm.create_model('hf-hub:user/searched', pretrained=True, width='macs-3M').eval()
+    assert _fetched(hub) == {'config.json', width_filename(config)}   # that file alone
+    assert (_outputs(plain, x) - _outputs(model, x, 'macs-3M')).abs().max().item() < 1e-5
+    supernet = timm_slim.load_from_hub('user/searched')
+    assert supernet.slim.configs == {'macs-3M': config}   # the supernet file names it too
+    hub.reset_requests()
+    with pytest.raises(ValueError, match=r"has no configuration named 'macs-9M'; its named configurations: "
+                                         r"\['macs-3M'\]; its widths: \[0\.5, \(0\.35, 0\.5, 1, 0\.35, "):
+        timm.create_model('hf-hub:user/searched', pretrained=True, width='macs-9M')
+    assert _fetched(hub) == {'config.json'}

@@ -29,6 +29,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
               'timm_slim.convert')),
     ('measuring, training, DS-Net', ('timm_slim.profile', 'timm_slim.data', 'timm_slim.train', 'timm_slim.dynamic')),
     ('files and the Hub', ('timm_slim.export', 'timm_slim.hub')),
+    ('search', ('timm_slim.search',)),
     ('model names', ('timm_slim.models',)),
     ('entry points', ('timm_slim', 'timm_slim.cli', 'timm_slim.train.recipe', 'timm_slim.train.recipe_common',
                       'timm_slim.dynamic.recipe')),

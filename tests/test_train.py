@@ -26,6 +26,7 @@ from timm_slim.train import (
     Trainer,
     evaluate,
     inplace_distillation_loss,
+    make_sampler,
     param_groups,
     share_full_width_statistics,
     train_step,
@@ -75,6 +76,34 @@ def test_sandwich_draws_largest_smallest_then_random_widths_reproducibly():
     assert min(middles) < 0.5 and max(middles) > 0.85  # spread over the range
     assert Sandwich(0.35, 1.0, n=2)(7) == [1.0, 0.35]
     assert Sandwich(0.35, 1.0, n=4, seed=4)(0) != draws[0]
+
+
+def test_per_stage_sandwich_draws_one_width_per_stage_between_uniform_ends():
+    sampler = Sandwich(0.35, 1.0, n=4, seed=3, stages=7)
+    draws = [sampler(step) for step in range(50)]
+    for widths in draws:
+        assert widths[:2] == [1.0, 0.35]   # the sandwich's ends stay uniform
+        assert all(isinstance(w, tuple) and len(w) == 7 and all(0.35 <= v <= 1.0 for v in w) for w in widths[2:])
+        assert all(len(set(w)) > 1 for w in widths[2:])   # the stages differ within a configuration
+    assert draws == [Sandwich(0.35, 1.0, n=4, seed=3, stages=7)(step) for step in range(50)]  # (seed, step)
+    assert Sandwich(0.35, 1.0, n=4, seed=4, stages=7)(0) != draws[0]
+    # The uniform rule draws what it drew before per-stage sampling existed.
+    assert Sandwich(0.35, 1.0, n=4, seed=3)(0) == [1.0, 0.35, *Sandwich(0.35, 1.0, n=4, seed=3)(0)[2:]]
+    assert all(isinstance(w, float) for w in Sandwich(0.35, 1.0, n=4, seed=3)(0))
+
+
+def test_make_sampler_per_stage_follows_the_model_and_refuses_an_snet():
+    us = _supernet('usnet')
+    sampler = make_sampler(us, n=3, seed=1, sample='per-stage')
+    assert sampler.stages == us.slim.num_stages == 7 and sampler.sample == 'per-stage'
+    widths = sampler(5)
+    assert widths[:2] == [1.0, 0.35] and len(widths[2]) == 7
+    assert timm_slim.set_width(us, widths[2]) == widths[2]   # a configuration the supernet runs
+    assert make_sampler(us, sample='uniform').stages is None
+    with pytest.raises(ValueError, match=r"sample must be one of \['uniform', 'per-stage'\], got 'stages'"):
+        make_sampler(us, sample='stages')
+    with pytest.raises(ValueError, match=r'needs a US-Net.*fixed list \[0.35, 0.5, 0.75, 1.0\]'):
+        make_sampler(_supernet('snet'), sample='per-stage')
 
 
 def test_snet_sampler_runs_every_width_largest_first():
@@ -246,6 +275,20 @@ def test_usnet_recipe_trains_reports_and_saves(tmp_path, capsys):
     # The MACs are those of timm's own model of that width (mobilenetv2_050 at 0.5 = mobilenetv2_025's shape).
     assert results['widths'][-1]['params'] == sum(
         p.numel() for p in timm.create_model('mobilenetv2_050', num_classes=10).parameters())
+
+
+def test_usnet_recipe_trains_per_stage_on_the_fit_split(tmp_path, capsys):
+    out = tmp_path / 'per-stage'
+    argv = TINY + ['--epochs', '1', '--output', str(out), '--sample', 'per-stage', '--train-split', 'fit',
+                   '--eval-widths', '0.35', '1.0']
+    assert main('usnet', argv) == 0
+    assert 'stages=7' in capsys.readouterr().out   # the sampler the run used
+    state = json.loads(next((out / 'checkpoints').glob('epoch-*/trainer_state.json')).read_text())
+    assert state['run']['sample'] == 'per-stage'
+    # A uniform run cannot resume a per-stage checkpoint: the sampler is part of the run.
+    assert main('usnet', TINY + ['--epochs', '1', '--output', str(out), '--resume', str(out),
+                                 '--train-split', 'fit']) == 2
+    assert "sample: checkpoint 'per-stage' vs now 'uniform'" in capsys.readouterr().err
 
 
 def test_snet_recipe_trains_on_an_image_folder(tmp_path, capsys):

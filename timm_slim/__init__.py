@@ -12,6 +12,7 @@ from .features import feature_channels
 from .hub import load_from_hub, push_to_hub, save_for_hub
 from .models import DS_MODELS, SLIM_MODELS
 from .profile import plot_widths, profile
+from .search import search
 from .sorting import channel_importance, sort_channels
 from .width import WidthSpace
 
@@ -39,6 +40,7 @@ __all__ = [
     'save_for_hub',
     'save_supernet',
     'save_width',
+    'search',
     'set_width',
     'slimmify',
     'sort_channels',

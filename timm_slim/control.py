@@ -46,8 +46,10 @@ def _set_mode(model: nn.Module, name: str) -> str:
     handler = _WIDTH_MODES.get(name)
     if handler is None:
         modes = ', '.join(repr(m) for m in width_modes()) or 'none registered'
+        configs = ', '.join(repr(c) for c in sorted(slim_state(model).configs)) or 'none'
         raise ValueError(f'unknown width {name!r} (str): a width is a number or one number per stage, '
-                         f'{slim_state(model).space.describe()}; named width modes: {modes}')
+                         f'{slim_state(model).space.describe()}; named configurations of this supernet: {configs}; '
+                         f'named width modes: {modes}')
     return handler(model)
 
 
@@ -58,11 +60,12 @@ def slim_state(model: nn.Module) -> SlimState:
 def set_width(model: nn.Module, width: Width) -> Width:
     """Run the supernet at ``width`` from now on; return the validated width.
 
-    ``width`` is a float (uniform) or a sequence with one float per stage; or the name of a
+    ``width`` is a float (uniform) or a sequence with one float per stage; the name of one of the
+    supernet's configurations (``model.slim.configs``, e.g. a search's picks); or the name of a
     registered width mode (:func:`register_width_mode`), such as ``'dynamic'`` for a supernet
     with DS-Net gates (``timm_slim.add_gates``), whose gates then choose per input.
     """
-    if isinstance(width, str):
+    if isinstance(width, str) and width not in slim_state(model).configs:
         return _set_mode(model, width)
     model = unwrap(model)
     state: SlimState = model.slim

@@ -30,8 +30,9 @@ from torch.utils.data import Dataset
 
 __all__ = ['DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_SPLITS', 'DIGITS_IMAGE_SIZE', 'DigitsDataset']
 
-DIGITS_SPLITS = ('train', 'test')
-"""The values ``split`` accepts."""
+DIGITS_SPLITS = ('train', 'test', 'fit', 'val')
+"""The values ``split`` accepts: ``fit`` and ``val`` divide ``train`` (80/20) for a validation set
+that is never the test split (model selection, width search)."""
 
 DIGITS_IMAGE_SIZE = 32
 """Side of the square images, in pixels (the 8x8 originals upsampled 4x)."""
@@ -49,6 +50,7 @@ DIGITS_STD = (0.3235, 0.3235, 0.3235)
 # The digits' grey values run from 0 to 16.
 _MAX_GREY = 16
 _TEST_FRACTION = 0.2
+_VAL_FRACTION = 0.2
 _SPLIT_SEED = 0
 
 
@@ -63,7 +65,11 @@ def _load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=_TEST_FRACTION, stratify=labels, random_state=_SPLIT_SEED)
-    idx = np.sort(train_idx if split == 'train' else test_idx)
+    if split in ('fit', 'val'):
+        fit_idx, val_idx = train_test_split(train_idx, test_size=_VAL_FRACTION, stratify=labels[train_idx],
+                                            random_state=_SPLIT_SEED)
+        train_idx = fit_idx if split == 'fit' else val_idx
+    idx = np.sort(test_idx if split == 'test' else train_idx)
     grey = np.rint(digits.images[idx] * (255 / _MAX_GREY)).astype(np.uint8)
     # Bilinear rather than nearest upsampling: nearest would turn each pixel into a 4x4 block
     # whose hard edges are artefacts of the upsampling, not strokes; bilinear gives smooth
@@ -89,7 +95,8 @@ class DigitsDataset(Dataset):
 
     Args:
         split: ``'train'`` (1,437 images) or ``'test'`` (360 images): a fixed 80/20 split,
-            stratified by label, seed 0.
+            stratified by label, seed 0; or ``'fit'`` (1,149) and ``'val'`` (288), the same kind of
+            split of ``'train'``, for a validation set drawn from the training data.
         transform: Applied to the PIL image; ``None`` returns the PIL image.
         target_transform: Applied to the int label; ``None`` returns the label.
 

@@ -164,7 +164,9 @@ def save_supernet(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     net = unwrap(model)
     state = net.slim
     gates = {'gates': net.ds.config()} if hasattr(net, 'ds') else {}
-    header = _header(net, kind='supernet', bn=state.bn, **state.space.to_dict(), **gates)
+    configs = {'configs': {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(state.configs.items())}} \
+        if state.configs else {}
+    header = _header(net, kind='supernet', bn=state.bn, **state.space.to_dict(), **gates, **configs)
     _atomic_save(net.state_dict(), path, header)
 
 
@@ -193,6 +195,7 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu'
             add_gates(net, **header['gates'])
         net.to_empty(device=device)
         net.load_state_dict(tensors, strict=True)
+        net.slim.name_configs(header.get('configs', {}))
         return net
     width = header['width']
     width = tuple(width) if isinstance(width, list) else width

@@ -7,8 +7,8 @@ through these, so they import nothing but the layers, the channel planner and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -38,14 +38,34 @@ class SlimState:
     # The channel group of each entry of the model's timm ``feature_info`` (None: a feature the
     # model does not compute), so set_width keeps its ``num_chs`` true to the width.
     feature_groups: Tuple[Optional[int], ...] = ()
+    # Named per-stage configurations (``'macs-3M'`` -> widths), e.g. the picks of a search: every
+    # call that takes a width takes their names, and save_supernet keeps them.
+    configs: Dict[str, Width] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
     def check(self, width: object) -> Width:
-        """Validate a user width against this supernet (uniform or per-stage)."""
+        """Validate a user width against this supernet (uniform, per-stage, or a configuration's name)."""
+        if isinstance(width, str) and width in self.configs:
+            return self.configs[width]
         return self.space.check(width, self.num_stages)
+
+    def name_configs(self, configs: Mapping[str, Sequence[float]]) -> None:
+        """Add (or replace) named configurations; each is validated against the width space."""
+        for name, width in configs.items():
+            if not isinstance(name, str) or not name or name != name.strip() or '/' in name:
+                raise ValueError(f'a configuration name must be a non-empty string without "/" or edge spaces, '
+                                 f'got {name!r}')
+            try:
+                float(name)
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f'a configuration name must not be a number (it would read as a width): {name!r}')
+            self.configs[name] = self.space.check(list(width) if isinstance(width, (list, tuple)) else width,
+                                                  self.num_stages)
 
     def counts(self, width: Width) -> Dict[int, int]:
         return self.planner.counts(width)

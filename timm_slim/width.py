@@ -129,6 +129,15 @@ def format_width(width: Width) -> str:
     return _format(width)
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number (a width) rather than a name (a configuration, a mode)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_fraction(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f'{what} entries must be numbers in (0, 1], got {value!r} ({type(value).__name__})')

@@ -7,11 +7,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import export, hub, models, profile
+from . import export, hub, models, profile, search
 from .common import CliError
 
 # Modules of this package that each contribute one or more verbs, in the order of the help.
-_VERBS = (models, export, profile, hub)
+_VERBS = (models, export, profile, hub, search)
 VERB_MODULES = tuple(module.__name__.rpartition('.')[2] for module in _VERBS)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
@@ -26,6 +26,34 @@ def parse_widths(text: str) -> List[float]:
     except ValueError:
         raise CliError(f'malformed --widths {text!r}: use a list like 0.25,0.5,1.0 or a range low:high:step '
                        f'like 0.25:1.0:0.05') from None
+
+
+def parse_width(text: str, configs: Mapping[str, Any]) -> Any:
+    """One width: ``0.5``, one per stage ``0.25,0.5,0.75,1``, or a configuration's name (``macs-3M``)."""
+    if text in configs:
+        return text
+    try:
+        values = [float(v) for v in text.split(',')]
+    except ValueError:
+        names = ', '.join(sorted(configs)) or 'none (timm-slim search writes a supernet that names its picks)'
+        raise CliError(f'malformed --width {text!r}: a number like 0.5, one per stage: 0.25,0.5,0.75,1, or a '
+                       f'configuration of the supernet: {names}') from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def split_names(text: str, configs: Mapping[str, Any]) -> Tuple[List[Any], Optional[str]]:
+    """The configuration names in a comma list (kept as names) and the rest (for ``parse_widths``)."""
+    if ':' in text:
+        return [], text
+    parts = [p.strip() for p in text.split(',') if p.strip()]
+    rest = ','.join(p for p in parts if p not in configs)
+    return [p for p in parts if p in configs], (rest or None)
+
+
+def widths_with_names(text: str, configs: Mapping[str, Any]) -> List[Any]:
+    """``--widths`` of a verb that takes a supernet's configuration names among the numbers."""
+    names, rest = split_names(text, configs)
+    return names + (parse_widths(rest) if rest else [])
 
 
 def add_model_argument(parser, help: str) -> None:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import CliError, parse_widths
+from .common import CliError, parse_widths, widths_with_names
 
 SUPERNET_NAME = 'supernet.safetensors'  # what the recipes save (timm_slim.train.recipe)
 RESULTS_NAME = 'results.json'
@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     push = subparsers.add_parser('push', help='publish a supernet and its widths on the Hugging Face Hub (one commit)')
     push.add_argument('path', help='a training output folder (supernet.safetensors, results.json) or a supernet file')
     push.add_argument('--repo-id', required=True, help='ORG/NAME; created if it does not exist')
-    push.add_argument('--widths', default=None, help='widths to publish, e.g. 0.35,0.5,1.0 or 0.25:1.0:0.25 '
+    push.add_argument('--widths', default=None, help='widths to publish, e.g. 0.35,0.5,1.0 or 0.25:1.0:0.25, and '
+                      'names of configurations the supernet holds (macs-3M, from timm-slim search) '
                       '(default: the widths in results.json, else the supernet\'s)')
     push.add_argument('--results', default=None, help='results.json of the run (accuracy, input size, data set); '
                       'default: PATH/results.json when PATH is a folder')
@@ -49,7 +50,7 @@ def run_push(args: argparse.Namespace) -> int:
     if not hasattr(model, 'slim'):
         raise CliError(f'{supernet_file} holds one exported width, not a supernet')
     results = _read_results(results_file) if results_file else {}
-    widths = parse_widths(args.widths) if args.widths else results.get('widths')
+    widths = widths_with_names(args.widths, model.slim.configs) if args.widths else results.get('widths')
     info = timm_slim.push_to_hub(
         model, args.repo_id, widths=widths, accuracy=results.get('accuracy'), private=args.private,
         revision=args.revision, commit_message=args.message, license=args.license,

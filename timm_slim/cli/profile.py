@@ -7,7 +7,8 @@ import os
 import re
 from typing import Sequence, Tuple, Union
 
-from .common import CliError, add_model_argument, load_model, model_argument, parse_widths
+from ..width import is_number
+from .common import CliError, add_model_argument, load_model, model_argument, parse_widths, widths_with_names
 
 FORMATS = ('md', 'csv', 'json')
 
@@ -17,7 +18,8 @@ def add_parser(subparsers) -> None:
     add_model_argument(parser, '*_slim name, timm name (converted on the fly), or a .safetensors file (a supernet, '
                                'or one exported width)')
     parser.add_argument('--widths', default=None,
-                        help='0.25,0.5,1.0 or low:high:step like 0.25:1.0:0.05 (default: the S-Net list, or '
+                        help='0.25,0.5,1.0 or low:high:step like 0.25:1.0:0.05, and names of configurations the '
+                             'supernet file holds (macs-3M, from timm-slim search) (default: the S-Net list, or '
                              'the ends and quarters of the US-Net range)')
     parser.add_argument('--input-size', nargs='+', default=None, metavar='N',
                         help='C H W of one image, as timm\'s scripts take it (3 224 224; 3,224,224 and a single '
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         args.model = args.input_size.pop()  # `--input-size 3 224 224 MODEL`: the values end where MODEL starts
     spec = model_argument(args)
     _input_size(args, 3)  # malformed sizes fail before the model is built (its channels come below)
-    widths = None if args.widths is None else parse_widths(args.widths)
+    named = args.widths is not None and ':' not in args.widths and any(
+        not is_number(t) for t in args.widths.split(',') if t.strip())
+    widths = None if args.widths is None or named else parse_widths(args.widths)
     if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in ('.png', '.svg'):
         raise CliError(f'--plot {args.plot!r} must end in .png or .svg')
     if args.batch_size < 1:
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(spec, num_classes=args.num_classes)
     size = _input_size(args, model.slim.in_chans if hasattr(model, 'slim') else _in_chans(model))
+    if named:   # names of configurations the supernet holds (timm-slim search), among the numbers
+        widths = widths_with_names(args.widths, model.slim.configs if hasattr(model, 'slim') else {})
     file_width = None
     if not hasattr(model, 'slim'):
         # one exported width: its header names it, and it is the only width there is

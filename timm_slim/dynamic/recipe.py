@@ -45,7 +45,7 @@ from ..train.recipe_common import (
     write_run_config,
 )
 from ..train.results import markdown_table, write_json
-from ..width import format_width, width_key
+from ..width import format_width, is_number, width_key
 from .cost import parse_target_macs, route_costs
 from .gates import DEFAULT_CHOICES, add_gates
 from .losses import SGS_VARIANTS
@@ -105,6 +105,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.method = 'usnet'  # the US-Net recipe's checks (width range, sandwich size, evaluation widths)
     check_args(args)
     args.method = 'dsnet'
+    if args.sample != 'uniform':
+        raise ValueError(f'--sample {args.sample}: DS-Net routes whole stages by its gates and Stage I samples the '
+                         f'routes the gates choose among; only --sample uniform applies')
     if args.num_widths < 3:
         raise ValueError(f'--num-widths: In-place Ensemble Bootstrapping needs at least 3 widths per step (the full '
                          f'width, random widths, the smallest route), got {args.num_widths}')
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         say(f'Stage II, target {target / 1e6:.2f}M MACs ({100 * target / costs.full:.1f}% of full), SGS {args.sgs}')
         outcome = _stage2(args, accelerator, net, costs, target, val_loader, data, say)
         result = outcome['result']
-        key = width_key(float(text)) if _is_number(text) else text
+        key = width_key(float(text)) if is_number(text) else text
         dynamic_rows.append({'target': target, 'file': f'dsnet-target-{key}.safetensors', 'top1': result.top1,
                              'macs': result.mean_macs,
                              'fraction': result.macs_fraction, 'histogram': result.histogram(),
@@ -295,14 +298,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         f'accuracy_vs_macs.png ({results["seconds"] / 60:.1f} min)')
     accelerator.end_training()
     return results
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def results_table(static_rows: Sequence[Dict], dynamic_rows: Sequence[Dict], ds) -> str:

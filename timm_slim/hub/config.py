@@ -33,7 +33,7 @@ SHA256_RE = re.compile(r'[0-9a-f]{64}')
 _TOLERANCE = 1e-6
 # What a ``slim`` section, a width entry, the supernet record and the routes record may hold.
 _SLIM_KEYS = frozenset({'version', 'kind', 'base_architecture', 'bn', 'space', 'input_size', 'dataset', 'supernet',
-                        'widths', 'gates', 'routes'})
+                        'widths', 'gates', 'routes', 'configs'})
 _ENTRY_KEYS = frozenset({'width', 'file', 'sha256', 'size', 'macs', 'params', 'timm_architecture', 'accuracy'})
 _RECORD_KEYS = frozenset({'file', 'sha256', 'size'})
 _ROUTES_KEYS = frozenset({'count', 'calibrated'})
@@ -75,6 +75,17 @@ class RepoConfig:
     supernet: Optional[FileRecord]
     widths: Tuple[FileRecord, ...]
     gates: Optional[Dict[str, Any]] = None   # a DS-Net repo: the add_gates arguments of its supernet
+    configs: Dict[str, Width] = dataclasses.field(default_factory=dict)   # named configurations (slim.configs)
+
+    def named(self, name: str, label: str) -> Width:
+        """The published width a configuration's name (``'macs-3M'``) stands for."""
+        if name in self.configs:
+            return self.configs[name]
+        names = ', '.join(repr(n) for n in sorted(self.configs)) or 'none'
+        held = ', '.join(format_width(f.width) for f in self.widths)
+        dynamic = "; or 'dynamic' (its DS-Net gates choose per input)" if self.gates is not None else ''
+        raise ValueError(f'{label} has no configuration named {name!r}; its named configurations: [{names}]; '
+                         f'its widths: [{held}]{dynamic}')
 
     def select(self, width: Optional[Width], label: str) -> FileRecord:
         """The file of ``width`` (None: the supernet, or the only width of a single-width repo)."""
@@ -202,7 +213,22 @@ def parse_config(raw: Any, label: str) -> RepoConfig:
         supernet = FileRecord(None, SUPERNET_FILE, *_digest_of(record, bad))
     gates = _gates(slim, model_args, base, num_classes, bn, space, bad) if gated else None
     return RepoConfig(architecture, base, kind, num_classes, model_args, pretrained_cfg, bn, space, supernet,
-                      tuple(files), gates)
+                      tuple(files), gates, _configs(slim.get('configs', {}), files, bad))
+
+
+def _configs(raw: Any, files: Iterable[FileRecord], bad) -> Dict[str, Width]:
+    """slim.configs: names of published widths (a search's picks), each with its own file."""
+    if not isinstance(raw, dict):
+        raise bad(f'has slim.configs {raw!r}; expected a mapping of name: width')
+    held = [f.width for f in files]
+    configs = {}
+    for name, value in raw.items():
+        width = match_width(value, held)
+        if not isinstance(name, str) or not name or width is None:
+            raise bad(f'names configuration {name!r} as {value!r}, which is not a published width '
+                      f'([{", ".join(format_width(w) for w in held)}])')
+        configs[name] = width
+    return configs
 
 
 def _known_keys(section: Dict[str, Any], allowed: frozenset, where: str, bad) -> None:

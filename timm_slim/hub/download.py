@@ -177,7 +177,10 @@ def _check_header(files: _Files, path: str, config: RepoConfig, record: FileReco
 
 
 def _file_width(files: _Files, config: RepoConfig, width: Union[Width, str, None]) -> Optional[Width]:
-    """The published width whose file ``width`` asks for: ``'dynamic'`` is the supernet of a DS-Net repo."""
+    """The published width whose file ``width`` asks for: ``'dynamic'`` is the supernet of a DS-Net repo,
+    another name one of the repo's named configurations (``slim.configs``)."""
+    if isinstance(width, str) and width != DYNAMIC:
+        return config.named(width, files.label)
     if width != DYNAMIC:
         return width
     if config.gates is None:

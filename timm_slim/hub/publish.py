@@ -93,6 +93,9 @@ def _write(net: nn.Module, plan: _Plan, out: Path, repo_id: Optional[str]) -> Di
         save_supernet(net, out / SUPERNET_FILE)
         slim['supernet'] = {'file': SUPERNET_FILE, **file_digest(out / SUPERNET_FILE)}
     slim['widths'] = entries
+    named = {n: w for n, w in sorted(state.configs.items()) if any(width_key(w) == width_key(p) for p in plan.widths)}
+    if named and not plan.single:   # a search's picks by name, each with its own file
+        slim['configs'] = {n: list(w) if isinstance(w, tuple) else w for n, w in named.items()}
     if plan.dataset:
         slim['dataset'] = plan.dataset
     model_args = read_header(out / SUPERNET_FILE)['model_args']
@@ -152,7 +155,10 @@ def push_to_hub(
         model: a supernet (or a DDP/accelerate wrapper of one).
         repo_id: ``org/name``; created (``private``) if it does not exist.
         widths: widths to publish; default: an S-Net's list; a US-Net's calibrated widths plus its
-            largest (or, with none calibrated, its ends and the quarter steps inside its range).
+            largest (or, with none calibrated, its ends and the quarter steps inside its range). A
+            name of ``model.slim.configs`` (a search's pick, ``'macs-3M'``) publishes that
+            configuration, named in config.json's ``slim.configs``, so that
+            ``timm.create_model('hf-hub:org/repo', pretrained=True, width='macs-3M')`` fetches its file.
         calib_loader: US-Net only: images that calibrate BatchNorm for widths without statistics
             (and, for a DS-Net, every route, with ``calibrate_routes``, when any route has none).
             Without it such widths are refused, never published with wrong statistics.

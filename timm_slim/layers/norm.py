@@ -59,6 +59,11 @@ class CalibratedStats(nn.Module):
     def clear(self) -> None:
         self._buffers.clear()
 
+    def discard(self, key: str) -> None:
+        """Forget one width's statistics (a search drops those of the configurations it tried)."""
+        self._buffers.pop(f'{key}_mean', None)
+        self._buffers.pop(f'{key}_var', None)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         for name in [k[len(prefix):] for k in state_dict if k.startswith(prefix)]:

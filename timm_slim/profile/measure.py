@@ -128,7 +128,7 @@ def _plain_channel_summary(model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _stand_in_statistics(net: nn.Module) -> Iterator[None]:
+def stand_in_statistics(net: nn.Module) -> Iterator[None]:
     """Let an uncalibrated US-Net width run in eval mode by borrowing the leading slice of the
     full-width statistics: same shapes, same operations, so the same MACs and latency."""
     borrowed = [layer for _, layer in slim_layers(net)
@@ -144,7 +144,7 @@ def _stand_in_statistics(net: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _measuring(model: nn.Module, device: torch.device, channels_last: bool) -> Iterator[None]:
+def measuring(model: nn.Module, device: torch.device, channels_last: bool) -> Iterator[None]:
     """Eval mode on ``device`` (channels_last if asked) inside; outside, the model exactly as it
     was found: every parameter and buffer gets its original tensor back (same storage, same
     layout), and every module its train/eval mode."""
@@ -225,10 +225,10 @@ def profile(
     from tqdm.auto import tqdm
 
     rows, skipped = [], {}
-    with _measuring(supernet, device, channels_last):
+    with measuring(supernet, device, channels_last):
         image = torch.randn(1, *size, device=device)
         for width in tqdm(checked, desc='MACs per width', unit='width', disable=not progress, file=sys.stderr):
-            with use_width(supernet, width), _stand_in_statistics(supernet):
+            with use_width(supernet, width), stand_in_statistics(supernet):
                 macs, flops, unsupported = count_macs(supernet, image)
             for op, calls in unsupported.items():
                 skipped[op] = max(skipped.get(op, 0), calls)
@@ -256,7 +256,7 @@ def _time_widths(supernet: nn.Module, widths: List[Width], size: Tuple[int, ...]
         def run() -> None:
             stand_in.close()
             set_width(supernet, width)
-            stand_in.enter_context(_stand_in_statistics(supernet))
+            stand_in.enter_context(stand_in_statistics(supernet))
             bar.update(1)
         return run
 
@@ -279,7 +279,7 @@ def _profile_plain(model: nn.Module, size: Tuple[int, ...], latency: bool, batch
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None:
         _check_channels(size, first_conv.in_channels)
-    with _measuring(model, device, channels_last):
+    with measuring(model, device, channels_last):
         macs, flops, skipped = count_macs(model, torch.randn(1, *size, device=device))
         row = WidthProfile(width=None, channels=_plain_channel_summary(model), macs=macs, flops=flops,
                            params=sum(p.numel() for p in model.parameters()))

@@ -108,7 +108,7 @@ def plot_widths(
     if title:
         ax.set_title(title)
     if path is not None:
-        _save_figure(figure, path)
+        save_figure(figure, path)
     return figure
 
 
@@ -136,7 +136,7 @@ def _y_values(rows: List[WidthProfile], accuracy) -> Tuple[List[float], str]:
     return [float(r.width) for r in rows], 'width'
 
 
-def _save_figure(figure, path: str) -> None:
+def save_figure(figure, path: str) -> None:
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix not in ('.png', '.svg'):
         raise ValueError(f'plot path must end in .png or .svg, got {path!r}')

@@ -16,6 +16,8 @@ import shutil
 from typing import Any, Dict, List
 
 STATE_FILE = 'trainer_state.json'
+# Run description keys added after checkpoints were first written: what the older runs did.
+_BEFORE_THEY_WERE_RECORDED = {'sample': 'uniform'}
 CHECKPOINTS = 'checkpoints'
 _NAME = re.compile(r'^epoch-(\d+)$')
 
@@ -88,7 +90,7 @@ def load_checkpoint(accelerator: Any, path: str, expect: Dict[str, Any]) -> Dict
     """
     with open(os.path.join(path, STATE_FILE)) as handle:
         state = json.load(handle)
-    saved = state.get('run', {})
+    saved = {**_BEFORE_THEY_WERE_RECORDED, **state.get('run', {})}
     expect = json.loads(json.dumps(expect))  # tuples become lists, as in the file
     different = {k: (saved.get(k), v) for k, v in expect.items() if saved.get(k) != v}
     if different:

@@ -48,7 +48,7 @@ from .recipe_common import (
 )
 from .recipe_common import Datasets as Datasets
 from .results import results_table, write_json
-from .sampling import AllWidths, Sandwich
+from .sampling import SAMPLES, make_sampler
 
 __all__ = ['METHODS', 'build_parser', 'main', 'parse_args', 'run']
 
@@ -77,7 +77,7 @@ def _run_description(args: argparse.Namespace, data: Data) -> Dict[str, Any]:
     """What must match for a checkpoint to be resumed by this run."""
     return {'method': args.method, 'model': args.model, 'space': args.space.to_dict(),
             'bn': args.bn, 'num_classes': data.num_classes,
-            'epochs': args.epochs}
+            'epochs': args.epochs, 'sample': getattr(args, 'sample', SAMPLES[0])}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.model_ema:
         ema = SlimModelEma(model, decay=args.model_ema_decay)
         accelerator.register_for_checkpointing(ema)
-    sampler = AllWidths(widths) if widths else Sandwich(args.space.low, args.space.high, args.num_widths, args.seed)
+    sampler = make_sampler(model, n=getattr(args, 'num_widths', 4), seed=args.seed,
+                           sample=getattr(args, 'sample', SAMPLES[0]))
     description = _run_description(args, data)
 
     start_epoch, step, history = 0, 0, []

@@ -32,7 +32,7 @@ from ..width import WidthSpace
 from .checkpoint import find_checkpoint
 from .engine import BN_STATS
 from .initial import WEIGHT_IMPORTANCES, check_initial_args, start_from_trained
-from .sampling import Sandwich
+from .sampling import SAMPLES, Sandwich
 
 METHODS = {'snet': 'S-Net', 'usnet': 'US-Net'}
 
@@ -91,6 +91,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                            help='any width in [LOW, HIGH], 0 < LOW < HIGH <= 1')
         model.add_argument('--num-widths', type=int, default=4, metavar='N',
                            help='sandwich rule: widths per step (the largest, the smallest and N-2 random), N >= 2')
+        model.add_argument('--sample', choices=SAMPLES, default=SAMPLES[0],
+                           help='the N-2 random widths: one width for the whole network (uniform), or one width '
+                                'per stage (per-stage: trains the configurations a per-stage search picks; the '
+                                'largest and the smallest stay uniform)')
     model.add_argument('--inplace-distill', action=argparse.BooleanOptionalAction,
                        help='the largest width learns from labels, the others from its soft predictions')
     model.add_argument('--eval-widths', type=float, nargs='+',
@@ -265,8 +269,10 @@ def uses_digits(args: argparse.Namespace) -> bool:
 
 
 def _make_dataset(args: argparse.Namespace, split: str, training: bool) -> torch.utils.data.Dataset:
-    if uses_digits(args):
-        return DigitsDataset('train' if split == args.train_split else 'test')
+    if uses_digits(args):   # --train-split fit trains on the digits' train split less its 'val' part
+        if split == args.train_split:
+            return DigitsDataset(split if split in ('train', 'fit') else 'train')
+        return DigitsDataset('test')
     from timm.data import create_dataset
 
     try:

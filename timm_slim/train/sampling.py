@@ -8,14 +8,17 @@ checkpoint draws exactly the widths the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
 from ..control import unwrap
-from ..width import WidthSpace
+from ..width import Width, WidthSpace
 
-__all__ = ['AllWidths', 'Sandwich', 'make_sampler']
+__all__ = ['SAMPLES', 'AllWidths', 'Sandwich', 'make_sampler']
+
+# How the sandwich rule draws its middle widths: one width for the whole network, or one per stage.
+SAMPLES = ('uniform', 'per-stage')
 
 
 class AllWidths:
@@ -38,34 +41,58 @@ class Sandwich:
     uniformly from ``[low, high]``, in that order.
 
     Training the two ends of the range bounds the accuracy of every width between them
-    (Yu & Huang, 2019); ``n = 4`` is the paper's choice.
+    (Yu & Huang, 2019); ``n = 4`` is the paper's choice. With ``stages`` set, each middle width
+    is a per-stage configuration (every stage drawn on its own, as AutoSlim and BigNAS train
+    for a per-stage search), while the largest and the smallest stay uniform.
 
     Args:
         low: the smallest width (0 < low < high).
         high: the largest width (<= 1).
         n: widths per step, at least 2.
         seed: with the step number, decides the random widths.
+        stages: ``None`` (uniform middle widths) or the supernet's number of stages.
     """
 
-    def __init__(self, low: float, high: float, n: int = 4, seed: int = 0) -> None:
+    def __init__(self, low: float, high: float, n: int = 4, seed: int = 0, stages: Optional[int] = None) -> None:
         space = WidthSpace.from_args(width_range=(low, high))
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f'the sandwich rule needs n >= 2 widths per step (the largest and the smallest), '
                              f'got {n!r}')
-        self.low, self.high, self.n, self.seed = space.low, space.high, n, seed
+        if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+            raise ValueError(f'stages must be None (uniform middle widths) or a positive number of stages, '
+                             f'got {stages!r}')
+        self.low, self.high, self.n, self.seed, self.stages = space.low, space.high, n, seed, stages
 
-    def __call__(self, step: int) -> List[float]:
+    def _draw(self, rng: random.Random) -> float:
+        return round(rng.uniform(self.low, self.high), 6)
+
+    def __call__(self, step: int) -> List[Width]:
         rng = random.Random(f'{self.seed}:{step}')
-        middle = [round(rng.uniform(self.low, self.high), 6) for _ in range(self.n - 2)]
+        if self.stages is None:
+            middle: List[Width] = [self._draw(rng) for _ in range(self.n - 2)]
+        else:
+            middle = [tuple(self._draw(rng) for _ in range(self.stages)) for _ in range(self.n - 2)]
         return [self.high, self.low, *middle]
 
+    @property
+    def sample(self) -> str:
+        return SAMPLES[0] if self.stages is None else SAMPLES[1]
+
     def __repr__(self) -> str:
-        return f'Sandwich(low={self.low:g}, high={self.high:g}, n={self.n}, seed={self.seed})'
+        stages = '' if self.stages is None else f', stages={self.stages}'
+        return f'Sandwich(low={self.low:g}, high={self.high:g}, n={self.n}, seed={self.seed}{stages})'
 
 
-def make_sampler(model: nn.Module, n: int = 4, seed: int = 0):
-    """The sampler a supernet's width space calls for: ``AllWidths`` for a list, ``Sandwich`` for a range."""
-    space = unwrap(model).slim.space
+def make_sampler(model: nn.Module, n: int = 4, seed: int = 0, sample: str = 'uniform'):
+    """The sampler a supernet's width space calls for: ``AllWidths`` for a list, ``Sandwich`` for a
+    range (its middle widths uniform or, with ``sample='per-stage'``, one width per stage)."""
+    if sample not in SAMPLES:
+        raise ValueError(f'sample must be one of {list(SAMPLES)}, got {sample!r}')
+    state = unwrap(model).slim
+    space = state.space
     if space.is_discrete:
+        if sample != SAMPLES[0]:
+            raise ValueError(f'sample={sample!r} needs a US-Net (a width range); this S-Net trains its fixed list '
+                             f'{list(space.choices)}, every width at every step; use sample=\'uniform\'')
         return AllWidths(space.choices)
-    return Sandwich(space.low, space.high, n=n, seed=seed)
+    return Sandwich(space.low, space.high, n=n, seed=seed, stages=None if sample == SAMPLES[0] else state.num_stages)

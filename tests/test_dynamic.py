@@ -297,6 +297,64 @@ def test_sgs_targets_both_variants():
     assert logits.grad[0, :, 0].lt(0).all() and logits.grad[1, :, 3].lt(0).all()
 
 
+@pytest.mark.parametrize('variant', ['paper', 'smallest-correct'])
+def test_stage2_gate_gradient_of_sgs_is_cross_entropy_against_hand_computed_targets(variant, small):
+    """SGS in a real Stage II step, against a hand reference: the targets come from which uniform
+    routes classify each input correctly (the paper: the smallest choice if the smallest route
+    is right, else the largest; 'smallest-correct': the smallest right choice, else the largest),
+    and the gates' update gains exactly ``sgs_weight`` x the gradient of their cross-entropy."""
+    images, _ = _digits(24, seed=3)
+    choices = small.ds.num_choices
+    with torch.no_grad():
+        preds = []
+        for k in range(choices):
+            with timm_slim.use_width(small, small.ds.route_width((k,))):
+                preds.append(small.eval()(images).argmax(1))
+        preds = torch.stack(preds, 1)
+    labels, targets = [], []
+    for i, row in enumerate(preds.tolist()):     # right at the smallest / only further up / nowhere
+        label = row[0] if i % 3 == 0 else next((p for p in row[1:] if p != row[0]), (row[0] + 1) % 10)
+        if i % 3 == 2:
+            label = next(c for c in range(10) if c not in row)
+        labels.append(label)
+        right = [k for k in range(choices) if row[k] == label]
+        if variant == 'paper':
+            targets.append(0 if 0 in right else choices - 1)
+        else:
+            targets.append(right[0] if right else choices - 1)
+    labels, targets = torch.tensor(labels), torch.tensor(targets)
+    assert set(targets.tolist()) == ({0, 2} if variant == 'paper' else {0, 1, 2}), preds
+    costs = route_costs(small, IMAGE)
+
+    def stepped(sgs_weight):
+        model = copy.deepcopy(small)
+        params = freeze_backbone(model)
+        trainer = GateTrainer(model, torch.optim.SGD(params, lr=1.0), costs, target_macs=float(costs.low), sgs=variant,
+                              sgs_weight=sgs_weight, complexity_weight=0.0, noise_steps=1, step=1)   # noise 0
+        assert trainer.noise == 0.0
+        row = trainer.train_batch(images, labels)
+        return row, [p.detach() for p in gate_parameters(model)]
+
+    with_sgs, after = stepped(0.5)
+    _, without = stepped(0.0)
+    model = copy.deepcopy(small)
+    freeze_backbone(model)
+    model.eval()
+    model.gates.train()
+    timm_slim.set_width(model, 'dynamic')
+    model.ds.noise = 0.0
+    model(images)
+    logits = model.ds.last.logits                     # (batch, gates, choices)
+    gates = logits.shape[1]
+    picked = logits.log_softmax(-1).gather(2, targets[:, None, None].expand(-1, gates, 1))
+    loss = -picked.mean()
+    grads = torch.autograd.grad(loss, gate_parameters(model))
+    assert with_sgs['sgs'] == pytest.approx(loss.item(), rel=1e-5)
+    for a, b, g in zip(after, without, grads):
+        torch.testing.assert_close(b - a, 0.5 * g, atol=1e-5, rtol=1e-4)
+    assert sum(g.abs().sum() for g in grads) > 1e-3
+
+
 def test_choice_correctness_runs_the_uniform_routes(mobilenet):
     x = _inputs()
     with torch.no_grad():
@@ -471,6 +529,67 @@ def test_ieb_step_with_the_engine_trains_the_backbone_not_the_gates():
     assert not torch.equal(model.conv_stem.weight, conv)
     assert all(torch.equal(v, model.gates.state_dict()[k]) for k, v in gates.items())
     assert not torch.equal(ema.module.conv_stem.weight, conv)   # the teacher moved too
+
+
+def test_ieb_step_gradient_is_labels_ema_teacher_and_the_ensemble_for_the_smallest():
+    """Stage I's rule in a real step, against a hand reference: the full width learns from the
+    labels, the random widths from the soft predictions of the EMA teacher (its full width, in
+    eval mode), the smallest route from the mean of the teacher's and the random widths'
+    detached predictions."""
+    from timm_slim.train import SlimModelEma, train_step
+
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, width_range=(0.35, 1.0),
+                              choices=(0.35, 0.5, 1.0))
+    for p in model.gates.parameters():
+        p.requires_grad_(False)
+    ema = SlimModelEma(model, decay=0.9)
+    with torch.no_grad():      # the model has moved away from its EMA: the teacher is not the model
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images, labels = _digits(8)
+    widths = IEBSampler(model, n=4, seed=0)(0)
+    reference = copy.deepcopy(model).train()
+    teacher_net = copy.deepcopy(ema.module).eval()
+    timm_slim.set_width(ema.module, 0.35)           # the loader's teacher runs at full width whatever this says
+    ema.module.train()
+    batch = next(iter(IEBLoader([(images, labels)], ema)))
+    assert ema.module.training
+    model.train()
+    train_step(model, [batch], widths, IEBCriterion(nn.CrossEntropyLoss(), n=4))
+
+    timm_slim.set_width(teacher_net, 1.0)
+    with torch.no_grad():
+        teacher = teacher_net(images).softmax(-1)
+    params = [p for p in reference.parameters() if p.requires_grad]
+
+    def soft(z, p):
+        return -(p * z.log_softmax(-1)).sum(-1).mean()
+
+    def step_gradient(smallest_target):
+        timm_slim.set_width(reference, widths[0])
+        loss = nn.functional.cross_entropy(reference(images), labels)
+        probs = []
+        for width in widths[1:-1]:
+            timm_slim.set_width(reference, width)
+            z = reference(images)
+            loss = loss + soft(z, teacher)
+            probs.append(z.detach().softmax(-1))
+        timm_slim.set_width(reference, widths[-1])
+        loss = loss + soft(reference(images), smallest_target(probs))
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    expected = step_gradient(lambda probs: torch.stack([teacher, *probs]).mean(0))
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    for g, e in zip(got, expected):
+        if e is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+    # The teacher alone as the smallest route's target gives a clearly different gradient.
+    alone = step_gradient(lambda probs: teacher)
+    gap = sum((e - a).norm() ** 2 for e, a in zip(expected, alone) if e is not None) ** 0.5
+    assert gap > 1e-3 * sum(e.norm() ** 2 for e in expected if e is not None) ** 0.5
 
 
 # -- the recipe -----------------------------------------------------------------------------------

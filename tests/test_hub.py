@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -268,6 +269,28 @@ def test_snet_round_trip_and_local_folder(snet, hub, fresh_cache, x) -> None:
     folder = snapshot_download('user/snet')
     model = timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5).eval()
     assert (_outputs(model, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+
+
+def test_local_folder_with_a_bit_flipped_file_of_the_right_size_is_refused(snet, hub, fresh_cache, tmp_path) -> None:
+    """A local-dir: repo has no LFS ETag to compare with: the sha256 listed in config.json is what
+    catches a file of the right size with one byte changed."""
+    folder = tmp_path / 'repo'
+    shutil.copytree(snapshot_download('user/snet'), folder)      # real files, not links into the cache
+    name = width_filename(0.5)
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01                                           # in the tensor data: the header stays valid
+    path.write_bytes(bytes(data))
+    listed = {w['file']: w for w in json.loads((folder / 'config.json').read_text())['slim']['widths']}[name]
+    assert path.stat().st_size == listed['size'] and hashlib.sha256(data).hexdigest() != listed['sha256']
+    expected = rf'sha256 [0-9a-f]{{64}} differs from {listed["sha256"]} in config.json'
+    with pytest.raises(CorruptFileError, match=expected):
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
+    assert path.read_bytes() == bytes(data)                      # a user's folder is never deleted from
+    timm.create_model(f'local-dir:{folder}', pretrained=True, width=1.0)   # the intact width still loads
+    path.write_bytes(bytes(data[:-100]))                         # truncated: named by its size, before any hashing
+    with pytest.raises(CorruptFileError, match=rf'it has {len(data) - 100} bytes, config.json lists {len(data)}'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
 
 
 def test_repeated_push_makes_a_new_commit_and_old_revision_still_loads(snet, hub, fresh_cache, x) -> None:

@@ -84,7 +84,7 @@ def test_sandwich_widths_are_pinned_by_seed_and_step():
     # trains the widths the interrupted run would have trained (values of Python's random.Random).
     assert Sandwich(0.35, 1.0, n=4, seed=0)(0) == [1.0, 0.35, 0.730055, 0.722499]
     assert Sandwich(0.35, 1.0, n=4, seed=0)(1) == [1.0, 0.35, 0.473118, 0.488893]
-    assert len(Sandwich(0.35, 1.0)(5)) == 4  # the paper's n = 4 by default
+    assert Sandwich(0.35, 1.0)(0) == [1.0, 0.35, 0.730055, 0.722499]  # by default: the paper's n = 4, seed 0
     assert Sandwich(0.25, 0.75, n=3)(0)[:2] == [0.75, 0.25]
     assert repr(Sandwich(0.35, 1.0, n=4, seed=2)) == 'Sandwich(low=0.35, high=1, n=4, seed=2)'
     assert repr(AllWidths([0.5, 1.0])) == 'AllWidths([1.0, 0.5])'

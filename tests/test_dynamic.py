@@ -355,6 +355,13 @@ def test_stage2_gate_gradient_of_sgs_is_cross_entropy_against_hand_computed_targ
     assert sum(g.abs().sum() for g in grads) > 1e-3
 
 
+@pytest.mark.parametrize('weights', [dict(sgs_weight=-0.5), dict(complexity_weight=float('nan'))])
+def test_gate_trainer_refuses_negative_or_nan_loss_weights(weights, small):
+    costs = route_costs(small, IMAGE)
+    with pytest.raises(ValueError, match=r'loss weights must be numbers >= 0, got (-0.5|nan)'):
+        GateTrainer(small, torch.optim.SGD(gate_parameters(small), lr=0.1), costs, float(costs.low), **weights)
+
+
 def test_choice_correctness_runs_the_uniform_routes(mobilenet):
     x = _inputs()
     with torch.no_grad():

@@ -380,6 +380,9 @@ def test_route_macs_are_exact_and_differentiable():
     onehot = nn.functional.one_hot(routes, 2).double() - soft.detach().double() + soft.double()
     macs = route_macs_of(onehot, table)
     torch.testing.assert_close(macs, torch.stack([table[tuple(r)] for r in routes.tolist()]))
+    single = route_macs_of(onehot.float(), table)    # the float64 table read at float32 decisions: float32
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single, macs.float())
     loss = complexity_loss(macs, target=20.0)
     torch.testing.assert_close(loss, (macs.mean() / 20 - 1) ** 2)
     loss.backward()

@@ -240,15 +240,24 @@ def test_gradient_accumulation_equals_the_mean_of_micro_batch_gradients(digits_b
     widths = [1.0, 0.5]
     criterion = torch.nn.CrossEntropyLoss()
     accumulated = _supernet('snet')
-    train_step(accumulated, halves, widths, criterion)
-    separate = []
+    losses = train_step(accumulated, halves, widths, criterion)
+    separate, separate_losses = [], []
     for half in halves:
         model = _supernet('snet')
-        train_step(model, [half], widths, criterion)
+        separate_losses.append(train_step(model, [half], widths, criterion))
         separate.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for width in widths:  # each width's loss is the mean over the micro-batches
+        assert losses[width] == pytest.approx((separate_losses[0][width] + separate_losses[1][width]) / 2, rel=1e-5)
     for name, param in accumulated.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(param.grad, (separate[0][name] + separate[1][name]) / 2, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize('batches, widths', [([], [1.0]), (None, [])])
+def test_train_step_needs_a_batch_and_a_width(batches, widths, digits_batch):
+    batches = [digits_batch] if batches is None else batches
+    with pytest.raises(ValueError, match='train_step needs at least one batch and one width'):
+        train_step(_supernet('usnet'), batches, widths, torch.nn.CrossEntropyLoss())
 
 
 def test_weight_decay_spares_batchnorm_biases_and_depthwise_kernels():

@@ -502,6 +502,33 @@ def test_ieb_sampler_full_width_random_widths_and_routes_then_the_smallest_route
         IEBSampler(model, n=2)
 
 
+def test_ieb_sampler_alternates_uniform_widths_and_routes_pinned_by_seed_and_step():
+    model = timm.create_model('resnet18_ds', num_classes=10, width_range=(0.25, 1.0))
+    # Values of Python's random.Random for the seed and step: resumed runs draw what the first run drew.
+    assert IEBSampler(model, n=6, seed=3)(7) == [1.0, 0.717668, (0.25, 0.5, 0.5, 0.75), 0.725369,
+                                                 (0.25, 0.75, 0.75, 0.5), 0.25]
+    assert IEBSampler(model)(0) == [1.0, 0.688525, (0.25, 0.25, 0.75, 0.5), 0.25]   # n = 4, seed 0 by default
+    assert IEBSampler(model, n=3)(0) == [1.0, 0.688525, 0.25]
+    assert repr(IEBSampler(model, n=6, seed=3)) == 'IEBSampler(n=6, seed=3, smallest route=0.25)'
+    for bad in (True, 2.5):
+        with pytest.raises(ValueError, match='n >= 3'):
+            IEBSampler(model, n=bad)
+
+
+def test_ieb_loader_passes_set_epoch_and_len_to_the_loader_it_wraps():
+    class Loader(list):
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    loader = Loader([(torch.zeros(1, *IMAGE), torch.zeros(1, dtype=torch.long))] * 3)
+    wrapped = IEBLoader(loader, timm.create_model('mobilenetv2_050_ds', num_classes=10))
+    wrapped.set_epoch(4)
+    assert loader.epoch == 4 and len(wrapped) == 3
+    IEBLoader([], None).set_epoch(1)   # a loader without set_epoch is fine
+
+
 def test_ieb_losses_teacher_for_random_widths_ensemble_for_the_smallest():
     labels = torch.tensor([1, 2])
     teacher = torch.tensor([[0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
@@ -558,7 +585,7 @@ def test_ieb_step_gradient_is_labels_ema_teacher_and_the_ensemble_for_the_smalle
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     images, labels = _digits(8)
-    widths = IEBSampler(model, n=4, seed=0)(0)
+    widths = IEBSampler(model)(0)            # the defaults: n = 4
     reference = copy.deepcopy(model).train()
     teacher_net = copy.deepcopy(ema.module).eval()
     timm_slim.set_width(ema.module, 0.35)           # the loader's teacher runs at full width whatever this says
@@ -566,7 +593,7 @@ def test_ieb_step_gradient_is_labels_ema_teacher_and_the_ensemble_for_the_smalle
     batch = next(iter(IEBLoader([(images, labels)], ema)))
     assert ema.module.training
     model.train()
-    train_step(model, [batch], widths, IEBCriterion(nn.CrossEntropyLoss(), n=4))
+    train_step(model, [batch], widths, IEBCriterion(nn.CrossEntropyLoss()))
 
     timm_slim.set_width(teacher_net, 1.0)
     with torch.no_grad():

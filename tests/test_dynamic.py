@@ -286,7 +286,7 @@ def test_bad_gate_targets_for_snet_and_plain_supernets():
 def test_sgs_targets_both_variants():
     # choices: 4; rows: smallest correct / only 0.5 correct / only the largest / none / 0.75 and 1.0
     correct = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
-    assert sgs_targets(correct, 'paper').tolist() == [0, 3, 3, 3, 3]
+    assert sgs_targets(correct, 'paper').tolist() == sgs_targets(correct).tolist() == [0, 3, 3, 3, 3]  # the default
     assert sgs_targets(correct, 'smallest-correct').tolist() == [0, 1, 3, 3, 2]
     with pytest.raises(ValueError, match="'paper', 'smallest-correct'"):
         sgs_targets(correct, 'best')

@@ -150,7 +150,8 @@ def test_inplace_distillation_narrow_widths_learn_the_full_widths_soft_predictio
     model = _supernet('usnet').train()
     reference = copy.deepcopy(model)
     criterion = torch.nn.CrossEntropyLoss()
-    losses = train_step(model, [(images, labels)], widths, criterion, distill=distill)
+    kwargs = {'distill': True} if distill else {}   # off by default
+    losses = train_step(model, [(images, labels)], widths, criterion, **kwargs)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     params = dict(reference.named_parameters())

@@ -254,6 +254,48 @@ def test_gradient_accumulation_equals_the_mean_of_micro_batch_gradients(digits_b
             torch.testing.assert_close(param.grad, (separate[0][name] + separate[1][name]) / 2, atol=1e-6, rtol=1e-4)
 
 
+class _DDPLauncher:
+    """What train_step asks of accelerate's Accelerator when the model is DDP: ``no_sync`` and ``backward``
+    (accelerate's own are exactly ``model.no_sync()`` and ``loss.backward()`` there)."""
+
+    def no_sync(self, model):
+        return model.no_sync()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_under_ddp_only_the_last_backward_of_a_step_synchronises(digits_batch):
+    """A real DDP (gloo, one process): gradients are all-reduced once per step, after the last
+    backward of the last micro-batch; the accumulated gradients are those without DDP."""
+    import torch.distributed as dist
+
+    images, labels = digits_batch[0][:8], digits_batch[1][:8]
+    halves = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    widths = [1.0, 0.5, 0.35]
+    plain = _supernet('usnet')
+    train_step(plain, halves, widths, torch.nn.CrossEntropyLoss(), distill=True)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_supernet('usnet'))
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        model.register_comm_hook(None, count)
+        train_step(model, halves, widths, torch.nn.CrossEntropyLoss(), accelerator=_DDPLauncher(), distill=True)
+        per_backward = len(set(reductions))
+        assert per_backward >= 1 and len(reductions) == per_backward   # each bucket once: one synchronisation
+        for (name, p), q in zip(plain.named_parameters(), model.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize('batches, widths', [([], [1.0]), (None, [])])
 def test_train_step_needs_a_batch_and_a_width(batches, widths, digits_batch):
     batches = [digits_batch] if batches is None else batches

@@ -261,7 +261,10 @@ class _DDPLauncher:
     def no_sync(self, model):
         return model.no_sync()
 
-    def backward(self, loss):
+    backwards = 0
+
+    def backward(self, loss):   # accelerate scales the loss here under mixed precision: every backward comes through
+        self.backwards += 1
         loss.backward()
 
 
@@ -287,7 +290,9 @@ def test_under_ddp_only_the_last_backward_of_a_step_synchronises(digits_batch):
             return future
 
         model.register_comm_hook(None, count)
-        train_step(model, halves, widths, torch.nn.CrossEntropyLoss(), accelerator=_DDPLauncher(), distill=True)
+        launcher = _DDPLauncher()
+        train_step(model, halves, widths, torch.nn.CrossEntropyLoss(), accelerator=launcher, distill=True)
+        assert launcher.backwards == len(halves) * len(widths)
         per_backward = len(set(reductions))
         assert per_backward >= 1 and len(reductions) == per_backward   # each bucket once: one synchronisation
         for (name, p), q in zip(plain.named_parameters(), model.module.parameters()):

@@ -528,6 +528,10 @@ def test_ieb_loader_passes_set_epoch_and_len_to_the_loader_it_wraps():
     wrapped.set_epoch(4)
     assert loader.epoch == 4 and len(wrapped) == 3
     IEBLoader([], None).set_epoch(1)   # a loader without set_epoch is fine
+    teacher = timm.create_model('mobilenetv2_050_ds', num_classes=10).eval()   # a plain model as the teacher
+    images, targets = next(iter(IEBLoader(loader, teacher)))
+    with torch.no_grad():
+        torch.testing.assert_close(targets.teacher, teacher(images).softmax(-1))
 
 
 def test_ieb_losses_teacher_for_random_widths_ensemble_for_the_smallest():

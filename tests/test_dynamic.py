@@ -511,7 +511,7 @@ def test_ieb_sampler_alternates_uniform_widths_and_routes_pinned_by_seed_and_ste
     assert IEBSampler(model)(0) == [1.0, 0.688525, (0.25, 0.25, 0.75, 0.5), 0.25]   # n = 4, seed 0 by default
     assert IEBSampler(model, n=3)(0) == [1.0, 0.688525, 0.25]
     assert repr(IEBSampler(model, n=6, seed=3)) == 'IEBSampler(n=6, seed=3, smallest route=0.25)'
-    for bad in (True, 2.5):
+    for bad in (True, 2.5, 4.5):
         with pytest.raises(ValueError, match='n >= 3'):
             IEBSampler(model, n=bad)
 

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -635,3 +636,39 @@ def test_cli_pushes_a_dsnet_run_target(dsnet, hub, fresh_cache, x, tmp_path, cap
     expected, _ = _dynamic_outputs(dsnet, x)
     out, _ = _dynamic_outputs(timm.create_model('hf-hub:user/cli-ds', pretrained=True), x)
     assert torch.equal(out, expected)
+
+
+def _safetensors_bytes(header, data: bytes = b'') -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, 'little') + raw + data
+
+
+@pytest.mark.parametrize(('content', 'size', 'problem'), [
+    (None, None, None),                                                         # a real safetensors file
+    (None, 1, r'it has \d+ bytes, config.json lists 1'),
+    (b'\x00' * 7, 7, 'header length does not fit in the file'),                 # not even the length
+    ((0).to_bytes(8, 'little') + b'{}', 10, 'header length does not fit in the file'),
+    ((3).to_bytes(8, 'little') + b'{}', 10, 'header length does not fit in the file'),   # longer than the file
+    ((2).to_bytes(8, 'little') + b'{x', 10, 'header is not valid'),
+    (_safetensors_bytes([1, 2]), None, 'header is not valid'),
+    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [1]}}, b'\0' * 4), None, 'header is not valid'),
+    (_safetensors_bytes({'w': {'data_offsets': [0, 4]}}, b'\0' * 5), None, r'header describes \d+ bytes, the file'),
+    (_safetensors_bytes({'w': {'data_offsets': [0, 4]}}, b'\0' * 4), None, None),
+    (_safetensors_bytes({'__metadata__': {'kind': 'width'}}), None, None),    # no tensors: the header is the file
+])
+def test_a_file_is_checked_against_its_listed_size_and_its_own_header(content, size, problem, tmp_path) -> None:
+    """The cheap checks before the sha256: what a truncated or garbled download fails first, by hand-made files."""
+    from safetensors.torch import save_file
+
+    from timm_slim.hub.download import _safetensors_problem
+
+    path = tmp_path / 'file.safetensors'
+    if content is None:
+        save_file({'w': torch.ones(3)}, str(path), metadata={'kind': 'width'})
+    else:
+        path.write_bytes(content)
+    found = _safetensors_problem(str(path), path.stat().st_size if size is None else size)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.fullmatch(r'.*' + problem + r'.*', found), found

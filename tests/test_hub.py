@@ -285,8 +285,9 @@ def test_local_folder_with_a_bit_flipped_file_of_the_right_size_is_refused(snet,
     listed = {w['file']: w for w in json.loads((folder / 'config.json').read_text())['slim']['widths']}[name]
     assert path.stat().st_size == listed['size'] and hashlib.sha256(data).hexdigest() != listed['sha256']
     expected = rf'sha256 [0-9a-f]{{64}} differs from {listed["sha256"]} in config.json'
-    with pytest.raises(CorruptFileError, match=expected):
+    with pytest.raises(CorruptFileError, match=expected) as error:
         timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
+    assert str(error.value).endswith('; refused to load it.')     # no cache to remove it from
     assert path.read_bytes() == bytes(data)                      # a user's folder is never deleted from
     timm.create_model(f'local-dir:{folder}', pretrained=True, width=1.0)   # the intact width still loads
     path.write_bytes(bytes(data[:-100]))                         # truncated: named by its size, before any hashing
@@ -370,8 +371,10 @@ def test_corrupted_or_truncated_download_is_refused(usnet, hub, fresh_cache, x) 
     data = bytearray(cached.read_bytes())
     data[-1] ^= 0xFF
     cached.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match='removed from the cache'):
+    with pytest.raises(CorruptFileError, match='removed from the cache') as error:
         timm_slim.load_from_hub('user/usnet', width=0.5)
+    assert str(error.value).endswith('; refused to load it. It was removed from the cache: load again to download '
+                                     'it afresh.')
     assert not cached.exists()
 
 

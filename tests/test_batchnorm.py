@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import timm_slim
-from timm_slim.layers import UNIVERSAL, SlimBatchNorm2d
+from timm_slim.layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -245,3 +245,28 @@ def test_calibrated_width_normalises_with_the_exact_statistics_of_its_inputs(kin
         channels = inp.shape[1]
         expected = _plain_bn(norm, inp, mean, var, source.weight[:channels], source.bias[:channels], False)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('affine', [True, False])
+def test_a_private_batchnorm_starts_as_the_shared_ones_slice_with_its_settings(affine):
+    shared = nn.BatchNorm2d(8, eps=1e-3, momentum=0.3, affine=affine)
+    with torch.no_grad():
+        shared.running_mean.copy_(torch.arange(8.0))
+        shared.running_var.copy_(torch.arange(1.0, 9.0))
+        if affine:
+            shared.weight.copy_(torch.arange(2.0, 10.0))
+            shared.bias.copy_(-torch.arange(8.0))
+    bn = SlimBatchNorm2d.convert(shared, SWITCHABLE)
+    bn.add_private('0_5', 4)
+    private = bn.private['0_5']
+    assert (private.num_features, private.eps, private.momentum, private.affine) == (4, 1e-3, 0.3, affine)
+    assert torch.equal(private.running_mean, torch.arange(4.0))
+    assert torch.equal(private.running_var, torch.arange(1.0, 5.0))
+    if affine:
+        assert torch.equal(private.weight, torch.arange(2.0, 6.0)) and torch.equal(private.bias, -torch.arange(4.0))
+
+
+def test_a_private_batchnorm_is_made_where_the_shared_one_lives():
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(8, device='meta'), SWITCHABLE)
+    bn.add_private('0_5', 4)
+    assert bn.private['0_5'].weight.device.type == 'meta'

@@ -270,3 +270,21 @@ def test_a_private_batchnorm_is_made_where_the_shared_one_lives():
     bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(8, device='meta'), SWITCHABLE)
     bn.add_private('0_5', 4)
     assert bn.private['0_5'].weight.device.type == 'meta'
+
+
+def test_float64_calibration_stays_float64_and_exact():
+    """A float64 model calibrates in float64 (the scratch statistics take the input's dtype)."""
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(6).double(), UNIVERSAL)
+    bn.is_full, bn.width_key = False, '0_5'
+    data = 1000 + 0.1 * torch.randn(24, 6, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    bn.eval()
+    bn.start_calibration()
+    with torch.no_grad():
+        for batch in (data[:3], data[3:11], data[11:]):
+            assert bn(batch).dtype == torch.float64
+    bn.finish_calibration()
+    mean, var = bn.calib.get('0_5')
+    flat = data.transpose(0, 1).flatten(1)
+    assert mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(mean, flat.mean(1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(var, flat.var(1), rtol=1e-9, atol=0)

@@ -272,19 +272,34 @@ def test_a_private_batchnorm_is_made_where_the_shared_one_lives():
     assert bn.private['0_5'].weight.device.type == 'meta'
 
 
-def test_float64_calibration_stays_float64_and_exact():
-    """A float64 model calibrates in float64 (the scratch statistics take the input's dtype)."""
-    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(6).double(), UNIVERSAL)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_calibration_of_float64_and_of_bfloat16_activations_is_exact(dtype):
+    """A float64 layer calibrates in float64; bfloat16 activations (autocast) are gathered in
+    float32. Every batch is normalised by hand with its own statistics, the layer's eps and affine."""
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(6, eps=1e-3), UNIVERSAL)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        bn.weight.copy_(1 + torch.rand(6, generator=generator))
+        bn.bias.copy_(torch.randn(6, generator=generator))
+    if dtype == torch.float64:
+        bn.double()
     bn.is_full, bn.width_key = False, '0_5'
-    data = 1000 + 0.1 * torch.randn(24, 6, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    data = (3 + 0.1 * torch.randn(24, 6, 5, 7, dtype=torch.float64, generator=generator)).to(dtype)
     bn.eval()
     bn.start_calibration()
     with torch.no_grad():
         for batch in (data[:3], data[3:11], data[11:]):
-            assert bn(batch).dtype == torch.float64
+            out = bn(batch)
+            assert out.dtype == dtype
+            exact = batch.double()
+            mean, var = exact.mean((0, 2, 3), keepdim=True), exact.var((0, 2, 3), unbiased=False, keepdim=True)
+            w, b = bn.weight.double()[None, :, None, None], bn.bias.double()[None, :, None, None]
+            expected = (exact - mean) / torch.sqrt(var + 1e-3) * w + b
+            atol = 1e-10 if dtype == torch.float64 else 3e-2
+            torch.testing.assert_close(out.double(), expected, rtol=0, atol=atol)
     bn.finish_calibration()
     mean, var = bn.calib.get('0_5')
-    flat = data.transpose(0, 1).flatten(1)
-    assert mean.dtype == var.dtype == torch.float64
-    torch.testing.assert_close(mean, flat.mean(1), rtol=0, atol=1e-10)
-    torch.testing.assert_close(var, flat.var(1), rtol=1e-9, atol=0)
+    flat = data.double().transpose(0, 1).flatten(1)
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), flat.var(1), rtol=1e-5, atol=0)

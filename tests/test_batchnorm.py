@@ -303,3 +303,20 @@ def test_calibration_of_float64_and_of_bfloat16_activations_is_exact(dtype):
     assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(var.double(), flat.var(1), rtol=1e-5, atol=0)
+
+
+def test_calibration_edge_cases_two_values_and_a_layer_that_saw_nothing():
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(3), UNIVERSAL)
+    bn.is_full, bn.width_key = False, '0_5'
+    bn.eval()
+    bn.start_calibration()
+    bn.finish_calibration()                     # no batch reached it: nothing stored, no error
+    assert bn.calib.get('0_5') is None
+    data = torch.tensor([[1.0, 2.0, -1.0], [4.0, 2.5, 1.0]])[:, :, None, None]   # two values per channel
+    bn.start_calibration()
+    with torch.no_grad():
+        bn(data)
+    bn.finish_calibration()
+    mean, var = bn.calib.get('0_5')
+    torch.testing.assert_close(mean, torch.tensor([2.5, 2.25, 0.0]))
+    torch.testing.assert_close(var, torch.tensor([4.5, 0.125, 2.0]))   # unbiased: divided by 2 - 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import timm
 import torch
 import torch.nn as nn
 
 import timm_slim
-from timm_slim.layers import UNIVERSAL, SlimBatchNorm2d
+from timm_slim.layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -143,3 +146,177 @@ def test_calibration_merges_unequal_batches_exactly():
     flat = data.transpose(0, 1).flatten(1)
     assert torch.allclose(mean.double(), flat.mean(1), rtol=0, atol=1e-4)
     assert torch.allclose(var.double(), flat.var(1), rtol=1e-3, atol=0)
+
+
+def _norm_io(model, x):
+    """Every SlimBatchNorm2d's input and output in one forward."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, (i[0].detach(), o.detach())))
+             for name, m in model.named_modules() if isinstance(m, SlimBatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _plain_bn(norm, x, mean, var, weight, bias, training):
+    """A plain BatchNorm by hand (then the layer's own activation, as timm's BatchNormAct2d)."""
+    if training:
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + norm.eps)
+    return norm.act(norm.drop(y * weight[None, :, None, None] + bias[None, :, None, None]))
+
+
+def test_switchable_bn_normalises_each_width_with_its_own_private_batchnorm():
+    """S-Net's rule at every BatchNorm of a model: below full width, the private BN of that
+    width does the work (its affine, its statistics, its running average), the shared one is untouched."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_050_slim', num_classes=4, widths=WIDTHS)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():   # private state unlike the shared slice it was copied from
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=generator))
+                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=generator))
+                m.running_var.copy_(1 + torch.rand(m.running_var.shape, generator=generator))
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, SlimBatchNorm2d)}
+    x = torch.randn(6, 3, 32, 32, generator=generator)
+    timm_slim.set_width(model, 0.5)
+    model.eval()
+    for name, (inp, out) in _norm_io(model, x).items():
+        private = norms[name].private['0_5']
+        assert inp.shape[1] == private.num_features <= norms[name].num_features
+        expected = _plain_bn(norms[name], inp, private.running_mean, private.running_var, private.weight,
+                             private.bias, False)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    model.train()
+    before = {n: (m.running_mean.clone(), {k: p.running_mean.clone() for k, p in m.private.items()})
+              for n, m in norms.items()}
+    for name, (inp, out) in _norm_io(model, x).items():
+        norm, private = norms[name], norms[name].private['0_5']
+        expected = _plain_bn(norm, inp, None, None, private.weight, private.bias, True)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        shared, privates = before[name]
+        momentum = private.momentum
+        torch.testing.assert_close(private.running_mean,
+                                   (1 - momentum) * privates['0_5'] + momentum * inp.mean((0, 2, 3)))
+        assert torch.equal(norm.running_mean, shared)   # the shared (full width) statistics did not move
+        assert torch.equal(norm.private['0_25'].running_mean, privates['0_25'])
+    model(x).sum().backward()
+    for norm in norms.values():   # gradients reach that width's private affine, and only it
+        assert norm.private['0_5'].weight.grad.abs().sum() > 0
+        assert norm.weight.grad is None and norm.private['0_25'].weight.grad is None
+
+
+@pytest.mark.parametrize('kind', ['universal', 'switchable'])
+def test_calibrated_width_normalises_with_the_exact_statistics_of_its_inputs(kind):
+    """calibrate_bn, checked against a hand reference: for each BatchNorm, the mean and the
+    unbiased variance over every pixel of every calibration image of what reaches it when the
+    layers before it normalise with batch statistics (a training-mode pass over each batch);
+    in eval mode, the width then normalises with exactly those."""
+    torch.manual_seed(0)
+    space = {'widths': WIDTHS} if kind == 'switchable' else {'width_range': (0.25, 1.0)}
+    model = timm.create_model('mobilenetv2_050_slim', num_classes=4, **space)
+    data = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0    # nothing tracked in the reference pass: it only normalises with batch statistics
+    timm_slim.set_width(reference, 0.5)
+    batches = [data[:5], data[5:]]    # unequal batches: the statistics are over all images, not averaged per batch
+    passes = [_norm_io(reference.train(), batch) for batch in batches]
+    inputs = {name: torch.cat([p[name][0] for p in passes]) for name in passes[0]}
+    timm_slim.calibrate_bn(model, batches, widths=[0.5], num_images=12)
+    timm_slim.set_width(model, 0.5)
+    model.eval()
+    norms = dict(model.named_modules())
+    probe = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    outputs = _norm_io(model, probe)
+    assert len(outputs) == len(inputs) > 40
+    for name, (inp, out) in outputs.items():
+        norm = norms[name]
+        seen = inputs[name]
+        mean, var = seen.mean((0, 2, 3)), seen.var((0, 2, 3), unbiased=True)
+        source = norm.private['0_5'] if kind == 'switchable' else norm
+        channels = inp.shape[1]
+        expected = _plain_bn(norm, inp, mean, var, source.weight[:channels], source.bias[:channels], False)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('affine', [True, False])
+def test_a_private_batchnorm_starts_as_the_shared_ones_slice_with_its_settings(affine):
+    shared = nn.BatchNorm2d(8, eps=1e-3, momentum=0.3, affine=affine)
+    with torch.no_grad():
+        shared.running_mean.copy_(torch.arange(8.0))
+        shared.running_var.copy_(torch.arange(1.0, 9.0))
+        if affine:
+            shared.weight.copy_(torch.arange(2.0, 10.0))
+            shared.bias.copy_(-torch.arange(8.0))
+    bn = SlimBatchNorm2d.convert(shared, SWITCHABLE)
+    bn.add_private('0_5', 4)
+    private = bn.private['0_5']
+    assert (private.num_features, private.eps, private.momentum, private.affine) == (4, 1e-3, 0.3, affine)
+    assert torch.equal(private.running_mean, torch.arange(4.0))
+    assert torch.equal(private.running_var, torch.arange(1.0, 5.0))
+    if affine:
+        assert torch.equal(private.weight, torch.arange(2.0, 6.0)) and torch.equal(private.bias, -torch.arange(4.0))
+
+
+def test_a_private_batchnorm_is_made_where_the_shared_one_lives():
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(8, device='meta'), SWITCHABLE)
+    bn.add_private('0_5', 4)
+    assert bn.private['0_5'].weight.device.type == 'meta'
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_calibration_of_float64_and_of_bfloat16_activations_is_exact(dtype):
+    """A float64 layer calibrates in float64; bfloat16 activations (autocast) are gathered in
+    float32. Every batch is normalised by hand with its own statistics, the layer's eps and affine."""
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(6, eps=1e-3), UNIVERSAL)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        bn.weight.copy_(1 + torch.rand(6, generator=generator))
+        bn.bias.copy_(torch.randn(6, generator=generator))
+    if dtype == torch.float64:
+        bn.double()
+    bn.is_full, bn.width_key = False, '0_5'
+    data = (3 + 0.1 * torch.randn(24, 6, 5, 7, dtype=torch.float64, generator=generator)).to(dtype)
+    bn.eval()
+    bn.start_calibration()
+    with torch.no_grad():
+        for batch in (data[:3], data[3:11], data[11:]):
+            out = bn(batch)
+            assert out.dtype == dtype
+            exact = batch.double()
+            mean, var = exact.mean((0, 2, 3), keepdim=True), exact.var((0, 2, 3), unbiased=False, keepdim=True)
+            w, b = bn.weight.double()[None, :, None, None], bn.bias.double()[None, :, None, None]
+            expected = (exact - mean) / torch.sqrt(var + 1e-3) * w + b
+            atol = 1e-10 if dtype == torch.float64 else 3e-2
+            torch.testing.assert_close(out.double(), expected, rtol=0, atol=atol)
+    bn.finish_calibration()
+    mean, var = bn.calib.get('0_5')
+    flat = data.double().transpose(0, 1).flatten(1)
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(mean.double(), flat.mean(1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), flat.var(1), rtol=1e-5, atol=0)
+
+
+def test_calibration_edge_cases_two_values_and_a_layer_that_saw_nothing():
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(3), UNIVERSAL)
+    bn.is_full, bn.width_key = False, '0_5'
+    bn.eval()
+    bn.start_calibration()
+    bn.finish_calibration()                     # no batch reached it: nothing stored, no error
+    assert bn.calib.get('0_5') is None
+    data = torch.tensor([[1.0, 2.0, -1.0], [4.0, 2.5, 1.0]])[:, :, None, None]   # two values per channel
+    bn.start_calibration()
+    with torch.no_grad():
+        bn(data)
+    bn.finish_calibration()
+    mean, var = bn.calib.get('0_5')
+    torch.testing.assert_close(mean, torch.tensor([2.5, 2.25, 0.0]))
+    torch.testing.assert_close(var, torch.tensor([4.5, 0.125, 2.0]))   # unbiased: divided by 2 - 1

@@ -286,7 +286,7 @@ def test_bad_gate_targets_for_snet_and_plain_supernets():
 def test_sgs_targets_both_variants():
     # choices: 4; rows: smallest correct / only 0.5 correct / only the largest / none / 0.75 and 1.0
     correct = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
-    assert sgs_targets(correct, 'paper').tolist() == [0, 3, 3, 3, 3]
+    assert sgs_targets(correct, 'paper').tolist() == sgs_targets(correct).tolist() == [0, 3, 3, 3, 3]  # the default
     assert sgs_targets(correct, 'smallest-correct').tolist() == [0, 1, 3, 3, 2]
     with pytest.raises(ValueError, match="'paper', 'smallest-correct'"):
         sgs_targets(correct, 'best')
@@ -295,6 +295,71 @@ def test_sgs_targets_both_variants():
     torch.testing.assert_close(loss, torch.log(torch.tensor(4.0)))
     loss.backward()
     assert logits.grad[0, :, 0].lt(0).all() and logits.grad[1, :, 3].lt(0).all()
+
+
+@pytest.mark.parametrize('variant', ['paper', 'smallest-correct'])
+def test_stage2_gate_gradient_of_sgs_is_cross_entropy_against_hand_computed_targets(variant, small):
+    """SGS in a real Stage II step, against a hand reference: the targets come from which uniform
+    routes classify each input correctly (the paper: the smallest choice if the smallest route
+    is right, else the largest; 'smallest-correct': the smallest right choice, else the largest),
+    and the gates' update gains exactly ``sgs_weight`` x the gradient of their cross-entropy."""
+    images, _ = _digits(24, seed=3)
+    choices = small.ds.num_choices
+    with torch.no_grad():
+        preds = []
+        for k in range(choices):
+            with timm_slim.use_width(small, small.ds.route_width((k,))):
+                preds.append(small.eval()(images).argmax(1))
+        preds = torch.stack(preds, 1)
+    labels, targets = [], []
+    for i, row in enumerate(preds.tolist()):     # right at the smallest / only further up / nowhere
+        label = row[0] if i % 3 == 0 else next((p for p in row[1:] if p != row[0]), (row[0] + 1) % 10)
+        if i % 3 == 2:
+            label = next(c for c in range(10) if c not in row)
+        labels.append(label)
+        right = [k for k in range(choices) if row[k] == label]
+        if variant == 'paper':
+            targets.append(0 if 0 in right else choices - 1)
+        else:
+            targets.append(right[0] if right else choices - 1)
+    labels, targets = torch.tensor(labels), torch.tensor(targets)
+    assert set(targets.tolist()) == ({0, 2} if variant == 'paper' else {0, 1, 2}), preds
+    costs = route_costs(small, IMAGE)
+
+    def stepped(sgs_weight):
+        model = copy.deepcopy(small)
+        params = freeze_backbone(model)
+        trainer = GateTrainer(model, torch.optim.SGD(params, lr=1.0), costs, target_macs=float(costs.low), sgs=variant,
+                              sgs_weight=sgs_weight, complexity_weight=0.0, noise_steps=1, step=1)   # noise 0
+        assert trainer.noise == 0.0
+        row = trainer.train_batch(images, labels)
+        return row, [p.detach() for p in gate_parameters(model)]
+
+    with_sgs, after = stepped(0.5)
+    _, without = stepped(0.0)
+    model = copy.deepcopy(small)
+    freeze_backbone(model)
+    model.eval()
+    model.gates.train()
+    timm_slim.set_width(model, 'dynamic')
+    model.ds.noise = 0.0
+    model(images)
+    logits = model.ds.last.logits                     # (batch, gates, choices)
+    gates = logits.shape[1]
+    picked = logits.log_softmax(-1).gather(2, targets[:, None, None].expand(-1, gates, 1))
+    loss = -picked.mean()
+    grads = torch.autograd.grad(loss, gate_parameters(model))
+    assert with_sgs['sgs'] == pytest.approx(loss.item(), rel=1e-5)
+    for a, b, g in zip(after, without, grads):
+        torch.testing.assert_close(b - a, 0.5 * g, atol=1e-5, rtol=1e-4)
+    assert sum(g.abs().sum() for g in grads) > 1e-3
+
+
+@pytest.mark.parametrize('weights', [dict(sgs_weight=-0.5), dict(complexity_weight=float('nan'))])
+def test_gate_trainer_refuses_negative_or_nan_loss_weights(weights, small):
+    costs = route_costs(small, IMAGE)
+    with pytest.raises(ValueError, match=r'loss weights must be numbers >= 0, got (-0.5|nan)'):
+        GateTrainer(small, torch.optim.SGD(gate_parameters(small), lr=0.1), costs, float(costs.low), **weights)
 
 
 def test_choice_correctness_runs_the_uniform_routes(mobilenet):
@@ -315,8 +380,12 @@ def test_route_macs_are_exact_and_differentiable():
     onehot = nn.functional.one_hot(routes, 2).double() - soft.detach().double() + soft.double()
     macs = route_macs_of(onehot, table)
     torch.testing.assert_close(macs, torch.stack([table[tuple(r)] for r in routes.tolist()]))
-    loss = complexity_loss(macs, target=20.0)
-    torch.testing.assert_close(loss, (macs.mean() / 20 - 1) ** 2)
+    single = route_macs_of(onehot.float(), table)    # the float64 table read at float32 decisions: float32
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single, macs.float())
+    loss = complexity_loss(macs, target=50.0)   # the batch mean is 40: below the target
+    torch.testing.assert_close(loss, (macs.mean() / 50 - 1) ** 2)
+    assert loss.item() == pytest.approx(0.04)
     loss.backward()
     assert logits.grad.abs().sum() > 0
 
@@ -434,6 +503,37 @@ def test_ieb_sampler_full_width_random_widths_and_routes_then_the_smallest_route
         IEBSampler(model, n=2)
 
 
+def test_ieb_sampler_alternates_uniform_widths_and_routes_pinned_by_seed_and_step():
+    model = timm.create_model('resnet18_ds', num_classes=10, width_range=(0.25, 1.0))
+    # Values of Python's random.Random for the seed and step: resumed runs draw what the first run drew.
+    assert IEBSampler(model, n=6, seed=3)(7) == [1.0, 0.717668, (0.25, 0.5, 0.5, 0.75), 0.725369,
+                                                 (0.25, 0.75, 0.75, 0.5), 0.25]
+    assert IEBSampler(model)(0) == [1.0, 0.688525, (0.25, 0.25, 0.75, 0.5), 0.25]   # n = 4, seed 0 by default
+    assert IEBSampler(model, n=3)(0) == [1.0, 0.688525, 0.25]
+    assert repr(IEBSampler(model, n=6, seed=3)) == 'IEBSampler(n=6, seed=3, smallest route=0.25)'
+    for bad in (True, 2.5, 4.5):
+        with pytest.raises(ValueError, match='n >= 3'):
+            IEBSampler(model, n=bad)
+
+
+def test_ieb_loader_passes_set_epoch_and_len_to_the_loader_it_wraps():
+    class Loader(list):
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    loader = Loader([(torch.zeros(1, *IMAGE), torch.zeros(1, dtype=torch.long))] * 3)
+    wrapped = IEBLoader(loader, timm.create_model('mobilenetv2_050_ds', num_classes=10))
+    wrapped.set_epoch(4)
+    assert loader.epoch == 4 and len(wrapped) == 3
+    IEBLoader([], None).set_epoch(1)   # a loader without set_epoch is fine
+    teacher = timm.create_model('mobilenetv2_050_ds', num_classes=10).eval()   # a plain model as the teacher
+    images, targets = next(iter(IEBLoader(loader, teacher)))
+    with torch.no_grad():
+        torch.testing.assert_close(targets.teacher, teacher(images).softmax(-1))
+
+
 def test_ieb_losses_teacher_for_random_widths_ensemble_for_the_smallest():
     labels = torch.tensor([1, 2])
     teacher = torch.tensor([[0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
@@ -471,6 +571,67 @@ def test_ieb_step_with_the_engine_trains_the_backbone_not_the_gates():
     assert not torch.equal(model.conv_stem.weight, conv)
     assert all(torch.equal(v, model.gates.state_dict()[k]) for k, v in gates.items())
     assert not torch.equal(ema.module.conv_stem.weight, conv)   # the teacher moved too
+
+
+def test_ieb_step_gradient_is_labels_ema_teacher_and_the_ensemble_for_the_smallest():
+    """Stage I's rule in a real step, against a hand reference: the full width learns from the
+    labels, the random widths from the soft predictions of the EMA teacher (its full width, in
+    eval mode), the smallest route from the mean of the teacher's and the random widths'
+    detached predictions."""
+    from timm_slim.train import SlimModelEma, train_step
+
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, width_range=(0.35, 1.0),
+                              choices=(0.35, 0.5, 1.0))
+    for p in model.gates.parameters():
+        p.requires_grad_(False)
+    ema = SlimModelEma(model, decay=0.9)
+    with torch.no_grad():      # the model has moved away from its EMA: the teacher is not the model
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images, labels = _digits(8)
+    widths = IEBSampler(model)(0)            # the defaults: n = 4
+    reference = copy.deepcopy(model).train()
+    teacher_net = copy.deepcopy(ema.module).eval()
+    timm_slim.set_width(ema.module, 0.35)           # the loader's teacher runs at full width whatever this says
+    ema.module.train()
+    batch = next(iter(IEBLoader([(images, labels)], ema)))
+    assert ema.module.training
+    model.train()
+    train_step(model, [batch], widths, IEBCriterion(nn.CrossEntropyLoss()))
+
+    timm_slim.set_width(teacher_net, 1.0)
+    with torch.no_grad():
+        teacher = teacher_net(images).softmax(-1)
+    params = [p for p in reference.parameters() if p.requires_grad]
+
+    def soft(z, p):
+        return -(p * z.log_softmax(-1)).sum(-1).mean()
+
+    def step_gradient(smallest_target):
+        timm_slim.set_width(reference, widths[0])
+        loss = nn.functional.cross_entropy(reference(images), labels)
+        probs = []
+        for width in widths[1:-1]:
+            timm_slim.set_width(reference, width)
+            z = reference(images)
+            loss = loss + soft(z, teacher)
+            probs.append(z.detach().softmax(-1))
+        timm_slim.set_width(reference, widths[-1])
+        loss = loss + soft(reference(images), smallest_target(probs))
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    expected = step_gradient(lambda probs: torch.stack([teacher, *probs]).mean(0))
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    for g, e in zip(got, expected):
+        if e is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+    # The teacher alone as the smallest route's target gives a clearly different gradient.
+    alone = step_gradient(lambda probs: teacher)
+    gap = sum((e - a).norm() ** 2 for e, a in zip(expected, alone) if e is not None) ** 0.5
+    assert gap > 1e-3 * sum(e.norm() ** 2 for e in expected if e is not None) ** 0.5
 
 
 # -- the recipe -----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -270,6 +272,29 @@ def test_snet_round_trip_and_local_folder(snet, hub, fresh_cache, x) -> None:
     assert (_outputs(model, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
 
 
+def test_local_folder_with_a_bit_flipped_file_of_the_right_size_is_refused(snet, hub, fresh_cache, tmp_path) -> None:
+    """A local-dir: repo has no LFS ETag to compare with: the sha256 listed in config.json is what
+    catches a file of the right size with one byte changed."""
+    folder = tmp_path / 'repo'
+    shutil.copytree(snapshot_download('user/snet'), folder)      # real files, not links into the cache
+    name = width_filename(0.5)
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01                                           # in the tensor data: the header stays valid
+    path.write_bytes(bytes(data))
+    listed = {w['file']: w for w in json.loads((folder / 'config.json').read_text())['slim']['widths']}[name]
+    assert path.stat().st_size == listed['size'] and hashlib.sha256(data).hexdigest() != listed['sha256']
+    expected = rf'sha256 [0-9a-f]{{64}} differs from {listed["sha256"]} in config.json'
+    with pytest.raises(CorruptFileError, match=expected) as error:
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
+    assert str(error.value).endswith('; refused to load it.')     # no cache to remove it from
+    assert path.read_bytes() == bytes(data)                      # a user's folder is never deleted from
+    timm.create_model(f'local-dir:{folder}', pretrained=True, width=1.0)   # the intact width still loads
+    path.write_bytes(bytes(data[:-100]))                         # truncated: named by its size, before any hashing
+    with pytest.raises(CorruptFileError, match=rf'it has {len(data) - 100} bytes, config.json lists {len(data)}'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
+
+
 def test_repeated_push_makes_a_new_commit_and_old_revision_still_loads(snet, hub, fresh_cache, x) -> None:
     changed = copy.deepcopy(snet)
     _randomise_bn(changed, 7)
@@ -346,8 +371,10 @@ def test_corrupted_or_truncated_download_is_refused(usnet, hub, fresh_cache, x) 
     data = bytearray(cached.read_bytes())
     data[-1] ^= 0xFF
     cached.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match='removed from the cache'):
+    with pytest.raises(CorruptFileError, match='removed from the cache') as error:
         timm_slim.load_from_hub('user/usnet', width=0.5)
+    assert str(error.value).endswith('; refused to load it. It was removed from the cache: load again to download '
+                                     'it afresh.')
     assert not cached.exists()
 
 
@@ -637,3 +664,39 @@ def test_a_named_configuration_is_published_and_fetched_alone_by_its_name(hub, f
                                          r"\['macs-3M'\]; its widths: \[0\.5, \(0\.35, 0\.5, 1, 0\.35, "):
         timm.create_model('hf-hub:user/searched', pretrained=True, width='macs-9M')
     assert _fetched(hub) == {'config.json'}
+
+
+def _safetensors_bytes(header, data: bytes = b'') -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, 'little') + raw + data
+
+
+@pytest.mark.parametrize(('content', 'size', 'problem'), [
+    (None, None, None),                                                         # a real safetensors file
+    (None, 1, r'it has \d+ bytes, config.json lists 1'),
+    (b'\x00' * 7, 7, 'header length does not fit in the file'),                 # not even the length
+    ((0).to_bytes(8, 'little') + b'{}', 10, 'header length does not fit in the file'),
+    ((3).to_bytes(8, 'little') + b'{}', 10, 'header length does not fit in the file'),   # longer than the file
+    ((2).to_bytes(8, 'little') + b'{x', 10, 'header is not valid'),
+    (_safetensors_bytes([1, 2]), None, 'header is not valid'),
+    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [1]}}, b'\0' * 4), None, 'header is not valid'),
+    (_safetensors_bytes({'w': {'data_offsets': [0, 4]}}, b'\0' * 5), None, r'header describes \d+ bytes, the file'),
+    (_safetensors_bytes({'w': {'data_offsets': [0, 4]}}, b'\0' * 4), None, None),
+    (_safetensors_bytes({'__metadata__': {'kind': 'width'}}), None, None),    # no tensors: the header is the file
+])
+def test_a_file_is_checked_against_its_listed_size_and_its_own_header(content, size, problem, tmp_path) -> None:
+    """The cheap checks before the sha256: what a truncated or garbled download fails first, by hand-made files."""
+    from safetensors.torch import save_file
+
+    from timm_slim.hub.download import _safetensors_problem
+
+    path = tmp_path / 'file.safetensors'
+    if content is None:
+        save_file({'w': torch.ones(3)}, str(path), metadata={'kind': 'width'})
+    else:
+        path.write_bytes(content)
+    found = _safetensors_problem(str(path), path.stat().st_size if size is None else size)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.fullmatch(r'.*' + problem + r'.*', found), found

@@ -1,6 +1,7 @@
 """Tests of training (timm_slim.train and the recipes): samplers, the multi-width step, real
 recipe runs, two real gloo processes, resume after SIGKILL, and bad input."""
 
+import copy
 import json
 import os
 import signal
@@ -106,6 +107,41 @@ def test_make_sampler_per_stage_follows_the_model_and_refuses_an_snet():
         make_sampler(_supernet('snet'), sample='per-stage')
 
 
+def test_sandwich_widths_are_pinned_by_seed_and_step():
+    # The draws of a seed never change between versions: a run resumed with a newer timm_slim
+    # trains the widths the interrupted run would have trained (values of Python's random.Random).
+    assert Sandwich(0.35, 1.0, n=4, seed=0)(0) == [1.0, 0.35, 0.730055, 0.722499]
+    assert Sandwich(0.35, 1.0, n=4, seed=0)(1) == [1.0, 0.35, 0.473118, 0.488893]
+    assert Sandwich(0.35, 1.0)(0) == [1.0, 0.35, 0.730055, 0.722499]  # by default: the paper's n = 4, seed 0
+    assert Sandwich(0.25, 0.75, n=3)(0)[:2] == [0.75, 0.25]
+    assert repr(Sandwich(0.35, 1.0, n=4, seed=2)) == 'Sandwich(low=0.35, high=1, n=4, seed=2)'
+    assert repr(AllWidths([0.5, 1.0])) == 'AllWidths([1.0, 0.5])'
+
+
+def test_make_sampler_follows_the_width_space():
+    usnet = timm.create_model('mobilenetv2_050_slim', num_classes=10, width_range=(0.35, 0.9))
+    sampler = make_sampler(usnet, seed=5)
+    assert isinstance(sampler, Sandwich) and (sampler.low, sampler.high, sampler.n, sampler.seed) == (0.35, 0.9, 4, 5)
+    assert make_sampler(usnet)(0) == Sandwich(0.35, 0.9, n=4, seed=0)(0)
+    assert make_sampler(usnet, n=3).n == 3
+    snet = timm.create_model('mobilenetv2_050_slim', num_classes=10, widths=(0.5, 0.35, 1.0))
+    assert make_sampler(snet)(3) == [1.0, 0.5, 0.35]
+
+
+def test_trainer_trains_the_sandwich_widths_of_each_step(digits_batch):
+    # resnet18 at 16x16 (cheap); each step trains the largest, the smallest and two random widths.
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, width_range=(0.35, 1.0))
+    images = torch.nn.functional.interpolate(digits_batch[0][:8], size=16, mode='bilinear', antialias=True)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), Sandwich(0.35, 1.0, n=4, seed=0),
+                      distill=True)
+    first = trainer.train_batches([(images, digits_batch[1][:8])])
+    second = trainer.train_batches([(images, digits_batch[1][:8])])
+    assert list(first) == [1.0, 0.35, 0.730055, 0.722499]
+    assert list(second) == [1.0, 0.35, 0.473118, 0.488893]
+    assert trainer.step == 2 and timm_slim.get_width(model) == 1.0
+
+
 def test_snet_sampler_runs_every_width_largest_first():
     assert AllWidths([0.5, 1.0, 0.25, 0.75])(12) == [1.0, 0.75, 0.5, 0.25]
 
@@ -130,6 +166,60 @@ def test_inplace_distillation_is_soft_cross_entropy_that_spares_the_teacher():
     same = inplace_distillation_loss(teacher.detach(), teacher)
     entropy = -(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()
     assert torch.allclose(same, entropy)
+
+
+@pytest.mark.parametrize('distill', [True, False])
+def test_inplace_distillation_narrow_widths_learn_the_full_widths_soft_predictions(distill, digits_batch):
+    """The rule itself, against a hand-computed reference: with ``distill`` the gradient of the
+    step is the full width's label loss plus, for every narrower width, KL against the detached
+    soft predictions of the full width of the same step; without it every width learns from the labels."""
+    images, labels = digits_batch[0][:8], digits_batch[1][:8]
+    widths = [1.0, 0.35, 0.6]
+    model = _supernet('usnet').train()
+    reference = copy.deepcopy(model)
+    criterion = torch.nn.CrossEntropyLoss()
+    kwargs = {'distill': True} if distill else {}   # off by default
+    losses = train_step(model, [(images, labels)], widths, criterion, **kwargs)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    params = dict(reference.named_parameters())
+    names = [n for n in params if n in got]
+
+    def gradient(loss):
+        return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True,
+                                                  retain_graph=True)))
+
+    timm_slim.set_width(reference, 1.0)
+    teacher = reference(images)
+    soft = teacher.detach().softmax(-1)
+    entropy = -(soft * soft.log()).sum(-1).mean()
+    per_width = {1.0: gradient(torch.nn.functional.cross_entropy(teacher, labels))}
+    distilled, labelled = {}, {}
+    for width in widths[1:]:
+        timm_slim.set_width(reference, width)
+        student = reference(images)
+        kl = torch.nn.functional.kl_div(student.log_softmax(-1), soft, reduction='batchmean')
+        distilled[width] = (gradient(kl), (kl + entropy).item())   # soft cross-entropy = KL + H(teacher)
+        ce = torch.nn.functional.cross_entropy(student, labels)
+        labelled[width] = (gradient(ce), ce.item())
+
+    def total(rule):
+        out = {}
+        for name in names:
+            parts = [per_width[1.0][name]] + [rule[w][0][name] for w in widths[1:]]
+            out[name] = sum(g for g in parts if g is not None)
+        return out
+
+    expected, other = (total(distilled), total(labelled)) if distill else (total(labelled), total(distilled))
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4)
+    # The two rules give far apart gradients, so the comparison above tells them apart.
+    gap = sum((expected[n] - other[n]).norm() ** 2 for n in names) ** 0.5
+    assert gap > 1e-2 * sum(expected[n].norm() ** 2 for n in names) ** 0.5
+    assert list(losses) == widths
+    assert losses[1.0] == pytest.approx(torch.nn.functional.cross_entropy(teacher, labels).item(), rel=1e-5)
+    for width in widths[1:]:
+        assert losses[width] == pytest.approx((distilled if distill else labelled)[width][1], rel=1e-4)
 
 
 @pytest.mark.parametrize('kind', ['snet', 'usnet'])
@@ -179,15 +269,72 @@ def test_gradient_accumulation_equals_the_mean_of_micro_batch_gradients(digits_b
     widths = [1.0, 0.5]
     criterion = torch.nn.CrossEntropyLoss()
     accumulated = _supernet('snet')
-    train_step(accumulated, halves, widths, criterion)
-    separate = []
+    losses = train_step(accumulated, halves, widths, criterion)
+    separate, separate_losses = [], []
     for half in halves:
         model = _supernet('snet')
-        train_step(model, [half], widths, criterion)
+        separate_losses.append(train_step(model, [half], widths, criterion))
         separate.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for width in widths:  # each width's loss is the mean over the micro-batches
+        assert losses[width] == pytest.approx((separate_losses[0][width] + separate_losses[1][width]) / 2, rel=1e-5)
     for name, param in accumulated.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(param.grad, (separate[0][name] + separate[1][name]) / 2, atol=1e-6, rtol=1e-4)
+
+
+class _DDPLauncher:
+    """What train_step asks of accelerate's Accelerator when the model is DDP: ``no_sync`` and ``backward``
+    (accelerate's own are exactly ``model.no_sync()`` and ``loss.backward()`` there)."""
+
+    def no_sync(self, model):
+        return model.no_sync()
+
+    backwards = 0
+
+    def backward(self, loss):   # accelerate scales the loss here under mixed precision: every backward comes through
+        self.backwards += 1
+        loss.backward()
+
+
+def test_under_ddp_only_the_last_backward_of_a_step_synchronises(digits_batch):
+    """A real DDP (gloo, one process): gradients are all-reduced once per step, after the last
+    backward of the last micro-batch; the accumulated gradients are those without DDP."""
+    import torch.distributed as dist
+
+    images, labels = digits_batch[0][:8], digits_batch[1][:8]
+    halves = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    widths = [1.0, 0.5, 0.35]
+    plain = _supernet('usnet')
+    train_step(plain, halves, widths, torch.nn.CrossEntropyLoss(), distill=True)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_supernet('usnet'))
+        launcher = _DDPLauncher()
+        reductions = []
+
+        def count(state, bucket):   # which bucket is all-reduced, during which backward
+            reductions.append((bucket.index(), launcher.backwards))
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        model.register_comm_hook(None, count)
+        train_step(model, halves, widths, torch.nn.CrossEntropyLoss(), accelerator=launcher, distill=True)
+        assert launcher.backwards == len(halves) * len(widths)
+        buckets = {index for index, _ in reductions}
+        assert buckets and len(reductions) == len(buckets)   # each bucket once: one synchronisation ...
+        assert {during for _, during in reductions} == {launcher.backwards}   # ... in the very last backward
+        for (name, p), q in zip(plain.named_parameters(), model.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('batches, widths', [([], [1.0]), (None, [])])
+def test_train_step_needs_a_batch_and_a_width(batches, widths, digits_batch):
+    batches = [digits_batch] if batches is None else batches
+    with pytest.raises(ValueError, match='^train_step needs at least one batch and one width$'):
+        train_step(_supernet('usnet'), batches, widths, torch.nn.CrossEntropyLoss())
 
 
 def test_weight_decay_spares_batchnorm_biases_and_depthwise_kernels():

@@ -174,3 +174,17 @@ def test_not_a_supernet():
     model = timm.create_model('resnet18_slim')
     with pytest.raises(timm_slim.UnsupportedModelError, match='already slimmable'):
         timm_slim.slimmify(model)
+
+
+def test_uncalibrated_width_names_the_call_and_the_calibrated_widths():
+    model = timm.create_model('resnet18_slim', num_classes=5, width_range=(0.25, 1.0)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = ('width 0.5 has no BatchNorm statistics in this US-Net; run timm_slim.calibrate_bn(model, loader, '
+                'widths=[0.5]) first (calibrated widths: [1{}])')
+    with timm_slim.use_width(model, 0.5), pytest.raises(RuntimeError) as error:
+        model(x)
+    assert str(error.value) == expected.format('')
+    timm_slim.calibrate_bn(model, [torch.randn(4, 3, 32, 32)], widths=[0.75, 0.35])
+    with timm_slim.use_width(model, 0.5), pytest.raises(RuntimeError) as error:
+        model(x)
+    assert str(error.value) == expected.format(', 0.35, 0.75')

@@ -112,7 +112,7 @@ class IEBLoader:
             self.loader.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, IEBTargets]]:
-        teacher = unwrap(self.ema.module if hasattr(self.ema, 'module') else self.ema)
+        teacher = unwrap(self.ema)   # unwrap reaches the model inside an EMA (timm's ModelEmaV3 keeps it in .module)
         for images, labels in self.loader:
             was_training = teacher.training
             teacher.eval()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -456,6 +456,24 @@ def _require_divisor(groups: Dict[int, Group], root: int, divisor: int, layer: s
     else:
         group.divisor = _lcm(group.divisor, divisor)
         group.required = _lcm(group.required, divisor)
+
+
+def dependency_order(groups: Dict[int, Any], follows: Callable[[Any], bool]) -> List[int]:
+    """The groups that ``follows`` others (concatenations, derived groups), each after the groups
+    it is made of (its ``parts``, or the group it is ``derived`` from)."""
+    order: List[int] = []
+
+    def visit(root: int) -> None:
+        group = groups[root]
+        if root in order or not follows(group):
+            return
+        for inner in group.parts or (group.derived[0],):
+            visit(inner)
+        order.append(root)
+
+    for root in groups:
+        visit(root)
+    return order
 
 
 def _lcm(a: int, b: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from timm.layers import make_divisible
 
 from .channel_rule import TimmChannelRule, shared_rule
-from .channels import ChannelGraph, Group
+from .channels import ChannelGraph, Group, dependency_order
 from .width import Width, stage_widths
 
 # Widths at which timm must be able to build a model for its rule to plan the supernet: timm's
@@ -60,7 +60,7 @@ class ChannelPlanner:
             (root, group, [(graph.stage_of[p], slot.get(self.rule_names.get(p, p))) for p in group.producers])
             for root, group in graph.groups.items() if not group.parts and group.derived is None
         ]
-        self._following = _dependency_order(graph.groups)
+        self._following = dependency_order(graph.groups, lambda group: bool(group.parts) or group.derived is not None)
         self._indices: OrderedDict = OrderedDict()
         # whether some group's channels at a width are not its leading ones (a concatenation)
         self.has_layouts = any(group.parts for group in graph.groups.values())
@@ -165,20 +165,3 @@ class ChannelPlanner:
         if len(self._indices) > self.cache_size:
             self._indices.popitem(last=False)
         return found
-
-
-def _dependency_order(groups: Dict[int, Group]) -> List[int]:
-    """Concatenations and derived groups, each after the groups it is made of."""
-    order: List[int] = []
-
-    def visit(root: int) -> None:
-        group = groups[root]
-        if root in order or (not group.parts and group.derived is None):
-            return
-        for inner in group.parts or (group.derived[0],):
-            visit(inner)
-        order.append(root)
-
-    for root in groups:
-        visit(root)
-    return order

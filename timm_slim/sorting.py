@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BlurPool2d, CecaModule, EcaModule
 
-from .channels import _TRACE_SIZES, ChannelGraph, UnsupportedModelError, trace_channels
+from .channels import _TRACE_SIZES, ChannelGraph, UnsupportedModelError, dependency_order, trace_channels
 from .layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
 from .width import width_key
 
@@ -187,7 +187,7 @@ def _groups(model: nn.Module, graph: ChannelGraph) -> Dict[int, _Group]:
                 f'permuted; only Conv2d, Linear, BatchNorm2d, GroupNorm and BlurPool2d layers can')
     for root, unit, layer in units:
         _require_unit(groups, root, unit, layer)
-    for root in _following(groups):
+    for root in dependency_order(groups, lambda group: group.follows):
         group = groups[root]
         if not group.label:
             group.label = (f'concatenation of {" + ".join(groups[p].label for p in group.parts)}' if group.parts
@@ -221,23 +221,6 @@ def _require_unit(groups: Dict[int, _Group], root: int, unit: int, layer: str) -
         _require_unit(groups, source, per_in * unit // math.gcd(per_out, unit), layer)
     else:
         group.unit = _lcm(group.unit, unit)
-
-
-def _following(groups: Dict[int, _Group]) -> List[int]:
-    """Concatenations and derived groups, each after the groups it is made of."""
-    order: List[int] = []
-
-    def visit(root: int) -> None:
-        group = groups[root]
-        if root in order or not group.follows:
-            return
-        for inner in group.parts or (group.derived[0],):
-            visit(inner)
-        order.append(root)
-
-    for root in groups:
-        visit(root)
-    return order
 
 
 def _lcm(a: int, b: int) -> int:
@@ -359,7 +342,8 @@ def _importance(model: nn.Module, groups: Dict[int, _Group], importance: str, lo
         with torch.no_grad():
             scores = {root: _WEIGHT_MEASURES[importance](g) for root, g in groups.items() if not g.fixed}
     scores = {root: s.detach().double().cpu().clone() for root, s in scores.items()}
-    for root in reversed(_following(groups)):   # outermost first, so nested ones pass theirs on
+    # outermost first, so nested ones pass theirs on
+    for root in reversed(dependency_order(groups, lambda group: group.follows)):
         group, own = groups[root], scores.pop(root, None)
         if own is None:
             continue
@@ -412,7 +396,7 @@ def _permutations(groups: Dict[int, _Group], scores: Dict[int, torch.Tensor]) ->
     a derived group, whole conv groups where its input's conv groups go."""
     perms = {root: torch.arange(g.base) if g.fixed else _permutation(scores[root], g.unit)
              for root, g in groups.items() if not g.follows}
-    for root in _following(groups):
+    for root in dependency_order(groups, lambda group: group.follows):
         group = groups[root]
         if group.parts:
             pieces, offset = [], 0

@@ -412,3 +412,61 @@ def test_cli_bad_sizes_and_models_are_one_clear_line(argv, message, capsys):
     lines = captured.err.strip().splitlines()
     assert captured.out == '' and len(lines) == 1, captured.err
     assert lines[0].startswith('timm-slim profile: error:') and message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('name, bn', [('resnet18', 'universal'), ('resnet18', 'switchable'),
+                                      ('ghostnet_100', 'universal')])   # GhostNet: channels picked by index
+def test_inference_snapshots_follow_every_change_of_what_they_hold(name, bn):
+    """In inference the slim layers keep their active slices (convs) and their BatchNorm's affine
+    and statistics (a snapshot) between calls; every change must reach the next call: another
+    width, weights or statistics updated in place, a new calibration, a loaded state dict, a
+    move to another dtype. Each time the supernet in place equals a fresh export of that width."""
+    _, supernet = pair(name, widths=(0.5, 0.75, 1.0), bn=bn)
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    if bn == 'universal':
+        calibrate(supernet, [0.5, 0.75])
+    supernet.eval()
+
+    def check(width):
+        timm_slim.set_width(supernet, width)
+        dtype = next(supernet.parameters()).dtype
+        with torch.no_grad():
+            supernet(x.to(dtype))   # fills the snapshots
+            in_place = supernet(x.to(dtype))
+            exported = timm_slim.export(supernet, width).eval()(x.to(dtype))
+        assert (in_place - exported).abs().max().item() < 1e-5 * exported.abs().max().item()
+
+    for width in (0.5, 0.75, 0.5):
+        check(width)
+    supernet.double()
+    check(0.5)
+    bns = [m for m in supernet.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in supernet.modules() if isinstance(m, SlimConv2d)]
+    for tensors in ([m.weight for m in bns], [m.bias for m in bns], [m.running_mean for m in bns],
+                    [m.running_var for m in bns], [m.weight for m in convs]):
+        with torch.no_grad():   # in place, as an optimizer or an EMA does
+            for tensor in tensors:
+                tensor.add_(0.5 * torch.rand_like(tensor))
+        check(0.5)
+    if bn == 'universal':
+        timm_slim.calibrate_bn(supernet, [3.0 * torch.randn(4, *SIZE, dtype=torch.float64)], widths=[0.5])
+        check(0.5)
+    _, other = pair(name, widths=(0.5, 0.75, 1.0), bn=bn)
+    torch.manual_seed(1)
+    for parameter in other.parameters():
+        parameter.data.normal_(0, 0.2)
+    if bn == 'universal':
+        calibrate(other, [0.5, 0.75])
+    supernet.load_state_dict(other.state_dict())
+    check(0.5)
+
+
+def test_borrowed_statistics_do_not_outlive_the_measurement():
+    """Timing an uncalibrated US-Net width borrows the full width's statistics while it measures;
+    afterwards that width still refuses to run (no snapshot of the borrowed statistics is kept)."""
+    _, supernet = pair('resnet18', widths=(0.5, 1.0), bn='universal')
+    timm_slim.profile(supernet, widths=[0.5], input_size=SIZE, latency=True, rounds=1, per_round=1, warmup=0)
+    timm_slim.set_width(supernet, 0.5)
+    supernet.eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match='width 0.5 has no BatchNorm statistics'):
+        supernet(torch.randn(1, *SIZE))

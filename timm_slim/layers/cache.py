@@ -101,7 +101,8 @@ class SliceCache:
             in_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``weight[:out, :inp]`` and ``bias[:out]``; rows (columns) ``out_index`` (``in_index``)
         instead where a group's channels are not its leading ones (a concatenation's parts)."""
-        weight, bias = layer.weight, layer.bias
+        params = layer._parameters   # not ``layer.weight``: nn.Module.__getattr__ costs 1 us a call
+        weight, bias = params['weight'], params['bias']
         if out == layer.full_out and inp == layer.full_in and out_index is None and in_index is None:
             return weight, bias
         if isinstance(weight, Proxy) or (torch.is_grad_enabled() and weight.requires_grad) or \
@@ -109,9 +110,10 @@ class SliceCache:
             return select(weight, bias, out, inp, out_index, in_index)
         # A copy made under inference_mode is an inference tensor that autograd may not save,
         # so copies made inside and outside inference_mode are never shared.
-        key = (out, inp, id(out_index), id(in_index), weight.data_ptr(), weight._version, weight.device,
-               weight.dtype, None if bias is None else (bias.data_ptr(), bias._version),
-               torch.is_inference_mode_enabled())
+        # Plain ints only (hashing a device or dtype costs as much as the rest): a move to another
+        # device or dtype clears the cache (``SlicedWeights._apply``); an in-place update bumps a version.
+        key = (out, inp, id(out_index), id(in_index), weight.data_ptr(), weight._version,
+               None if bias is None else bias._version, torch.is_inference_mode_enabled())
         entry = self._entries.get(key)
         if entry is None or entry[2] is not out_index or entry[3] is not in_index:   # ids of freed indices recur
             view, view_bias = select(weight, bias, out, inp, out_index, in_index)
@@ -155,6 +157,10 @@ class SlicedWeights:
         layer.in_active = layer.full_in * getattr(layer, 'groups', 1)
         layer._cache = SliceCache()
         return layer
+
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()   # .to() gives the weight new storage, perhaps at a freed copy's address
+        return super()._apply(fn, recurse)
 
 
 def copy_weights(layer: nn.Module, plain: nn.Module, out: int, inp: int,

@@ -43,7 +43,13 @@ class CalibratedStats(nn.Module):
 
     Buffers move with ``.to()`` and travel in the state dict; loading a state dict creates the
     buffers it names, so a calibrated supernet saved to disk loads into a fresh one.
+    ``generation`` counts the changes (put, clear, discard, load, move), so the BatchNorm's
+    eval-mode snapshot knows when its statistics went stale without looking them up per call.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
 
     def keys(self) -> Iterator[str]:
         return (name[:-len('_mean')] for name, _ in self.named_buffers(recurse=False) if name.endswith('_mean'))
@@ -55,14 +61,22 @@ class CalibratedStats(nn.Module):
     def put(self, key: str, mean: torch.Tensor, var: torch.Tensor) -> None:
         self.register_buffer(f'{key}_mean', mean)
         self.register_buffer(f'{key}_var', var)
+        self.generation += 1
 
     def clear(self) -> None:
-        self._buffers.clear()
+        if self._buffers:   # not on every training step: torch.compile would guard on the count
+            self._buffers.clear()
+            self.generation += 1
 
     def discard(self, key: str) -> None:
         """Forget one width's statistics (a search drops those of the configurations it tried)."""
         self._buffers.pop(f'{key}_mean', None)
         self._buffers.pop(f'{key}_var', None)
+        self.generation += 1
+
+    def _apply(self, fn, recurse=True):
+        self.generation += 1
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -71,6 +85,7 @@ class CalibratedStats(nn.Module):
                 self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.generation += 1
 
 
 class _Moments:
@@ -125,7 +140,8 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         bn.__class__ = cls
         bn._twin_cls = twin_cls
         bn.kind = kind
-        if not isinstance(getattr(bn, 'act', None), nn.Module):
+        bn._plain = not isinstance(getattr(bn, 'act', None), nn.Module)   # no dropout or activation to call
+        if bn._plain:
             bn.act = nn.Identity()
             bn.drop = nn.Identity()
         if kind == UNIVERSAL:
@@ -139,6 +155,7 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         bn.index = None   # the channels it normalises where they are not the leading ones (set_width)
         bn.private_key = None
         bn._moments = None
+        bn._snapshot = None
         return bn
 
     def add_private(self, key: str, channels: int, index: Optional[torch.Tensor] = None) -> None:
@@ -180,9 +197,42 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
                 f'(calibrated widths: [1{", " if calibrated else ""}{", ".join(calibrated)}])')
         return stats
 
+    def _frozen(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Inference's (weight, bias, mean, var) of the active width, copied once and kept while
+        nothing they come from changes: the width (``set_width``), a parameter or running
+        statistic (version counters), a calibration (its generation) or the storage (``_apply``).
+        Saves the slices and look-ups of every call that made the supernet slower than its export.
+        Copies, not views: a view made without autograd of a weight an optimizer later updates
+        cannot be deep-copied (an EMA of the model)."""
+        source = self._source()
+        # the dicts, not source.weight: nn.Module.__getattr__ costs 1 us a call
+        params, buffers = source._parameters, source._buffers
+        weight = params['weight']
+        key = (self.active_channels, self.is_full, self.width_key, self.private_key,
+               self._modules['calib'].generation if self.kind == UNIVERSAL else 0,
+               None if weight is None else weight._version, None if weight is None else params['bias']._version,
+               buffers['running_mean']._version, buffers['running_var']._version)
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot[0] == key and snapshot[1] is self.index:
+            return snapshot[2]
+        channels = self.active_channels
+        tensors = tuple(None if t is None else t.detach().clone()
+                        for t in (*self._affine(source, channels), *self._eval_stats(channels)))
+        self._snapshot = (key, self.index, tensors)
+        return tensors
+
+    def _apply(self, fn, recurse=True):
+        self._snapshot = None   # .to() may give the parameters new storage under the same versions
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._scripted(x)
+        if not (self.training or torch.is_grad_enabled() or self._moments is not None or isinstance(x, Proxy)
+                or torch.compiler.is_compiling()):   # a captured graph reads the tensors themselves
+            weight, bias, mean, var = self._frozen()
+            x = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+            return x if self._plain else self.act(self.drop(x))
         channels = self.active_channels
         source = self._source()
         weight, bias = self._affine(source, channels)

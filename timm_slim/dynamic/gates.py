@@ -26,7 +26,7 @@ from timm.layers import make_divisible
 from ..channels import UnsupportedModelError
 from ..convert import is_resnet_like
 from ..features import is_feature_model
-from ..layers import SlimConv2d, SlimLinear
+from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
 from ..state import slim_layers, unwrap
 from . import backbone
 from .routing import install_forward
@@ -223,9 +223,13 @@ def add_gates(
     net.gates = gates.to(device=param.device, dtype=param.dtype)
     net.ds = ds
     for name, layer in slim_layers(net):
-        if isinstance(layer, (SlimConv2d, SlimLinear)) and ds.segment_of_stage(state.graph.stage_of[name]):
-            # inputs take different routes: keep a contiguous slice per (input, output) choice pair
-            layer._cache.capacity = ds.num_choices ** 2
+        if ds.segment_of_stage(state.graph.stage_of[name]):
+            # inputs take different routes: keep a contiguous slice per (input, output) choice pair,
+            # and a BatchNorm snapshot per route through it
+            if isinstance(layer, (SlimConv2d, SlimLinear)):
+                layer._cache.capacity = ds.num_choices ** 2
+            elif isinstance(layer, SlimBatchNorm2d):
+                layer.snapshot_capacity = ds.num_choices ** 2
     if is_feature_model(net):   # timm's feature forward, the gates as pre-hooks on their stages
         backbone.install_backbone_forward(net)
         net.slim.extras = backbone.FEATURE_EXTRAS

@@ -14,6 +14,7 @@ timm's ``BatchNormAct2d`` keeps its dropout and activation.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -155,7 +156,8 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         bn.index = None   # the channels it normalises where they are not the leading ones (set_width)
         bn.private_key = None
         bn._moments = None
-        bn._snapshot = None
+        bn._snapshots = OrderedDict()   # inference's copies of the active affine and statistics
+        bn.snapshot_capacity = 1        # widths kept; a DS-Net raises it in gated stages (add_gates)
         return bn
 
     def add_private(self, key: str, channels: int, index: Optional[torch.Tensor] = None) -> None:
@@ -212,17 +214,21 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
                self._modules['calib'].generation if self.kind == UNIVERSAL else 0,
                None if weight is None else weight._version, None if weight is None else params['bias']._version,
                buffers['running_mean']._version, buffers['running_var']._version)
-        snapshot = self._snapshot
-        if snapshot is not None and snapshot[0] == key and snapshot[1] is self.index:
-            return snapshot[2]
+        snapshots = self._snapshots
+        entry = snapshots.get(key)
+        if entry is not None and entry[0] is self.index:
+            snapshots.move_to_end(key)
+            return entry[1]
         channels = self.active_channels
         tensors = tuple(None if t is None else t.detach().clone()
                         for t in (*self._affine(source, channels), *self._eval_stats(channels)))
-        self._snapshot = (key, self.index, tensors)
+        snapshots[key] = (self.index, tensors)
+        while len(snapshots) > self.snapshot_capacity:   # least recently used first; stale keys age out
+            snapshots.popitem(last=False)
         return tensors
 
     def _apply(self, fn, recurse=True):
-        self._snapshot = None   # .to() may give the parameters new storage under the same versions
+        self._snapshots.clear()   # .to() may give the parameters new storage under the same versions
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

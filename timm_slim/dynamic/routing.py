@@ -208,6 +208,8 @@ class _Plans:
             self.segment_layers[ds.segment_of_stage(state.graph.stage_of[name])].append((name, layer))
         self.settings: Dict[Tuple[int, Tuple[int, ...]], list] = {}
         self.counts: Dict[Tuple[int, Tuple[int, ...]], Dict[int, int]] = {}
+        self.norms: Dict[Tuple[int, Tuple[int, ...]], list] = {}   # the BatchNorm entries of settings
+        self._route_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         previous = get_width(net)
         try:
             for segment in range(ds.num_gates + 1):
@@ -220,7 +222,13 @@ class _Plans:
                     self.settings[segment, prefix] = [
                         (layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                         for _, layer in self.segment_layers[segment]]
+                    self.norms[segment, prefix] = [(attrs, values) for attrs, values in self.settings[segment, prefix]
+                                                   if 'width_key' in values]
             set_width(net, 1.0)
+            # A BatchNorm buffer whose storage ``.to()`` replaces: stored snapshots then go (``check``).
+            self._witness = next((layer._buffers, name) for _, layer in slim_layers(net)
+                                 for name, buffer in layer._buffers.items() if buffer is not None)
+            self._storage = self._storage_now()
             self.full = [(layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                          for _, layer in slim_layers(net)]
         finally:
@@ -232,6 +240,36 @@ class _Plans:
     def apply(self, segment: int, prefix: Tuple[int, ...]) -> None:
         for attrs, values in self.settings[segment, prefix]:
             attrs.update(values)
+
+    def keep(self, segment: int, prefix: Tuple[int, ...]) -> None:
+        """Store the BatchNorms' inference snapshots (``_frozen``) of this plan in it, so that the
+        next ``apply`` restores them: a BatchNorm keeps one snapshot, and inputs that alternate
+        between routes would otherwise re-copy the affine and statistics at every switch (the
+        layer still checks the snapshot's key, so a stale one is rebuilt, never used)."""
+        for attrs, values in self.norms[segment, prefix]:
+            values['_snapshot'] = attrs.get('_snapshot')
+
+    def route_tensor(self, route: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``(1, gates)`` tensor of a route, made once (``torch.tensor`` costs ~10 us a call)."""
+        key = (route, device)
+        tensor = self._route_tensors.get(key)
+        if tensor is None:
+            tensor = self._route_tensors[key] = torch.tensor([route], device=device)
+        return tensor
+
+    def _storage_now(self) -> int:
+        buffers, name = self._witness
+        return buffers[name].data_ptr()
+
+    def check(self) -> None:
+        """Drop the kept snapshots after a ``.to()`` (new storage, same version counters), which
+        the layers' own snapshot keys do not see."""
+        storage = self._storage_now()
+        if storage != self._storage:
+            self._storage = storage
+            for norms in self.norms.values():
+                for _, values in norms:
+                    values.pop('_snapshot', None)
 
     def apply_full(self) -> None:
         for attrs, values in self.full:
@@ -261,7 +299,11 @@ def _statistics_hint() -> Iterator[None]:
 def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ds: DynamicState = net.ds
     run, plans = _runner(net), _plans(net)
+    plans.check()
     last = ds.num_gates - 1
+    # segment -> the route prefix whose plan its layers hold now: a plan is applied only when
+    # another group changed it, which at batch 1 (one group) is once per segment and call
+    applied: Dict[int, Tuple[int, ...]] = {0: ()}
     with _statistics_hint():
         plans.apply(0, ())
         h = run.stem(net, x)
@@ -274,11 +316,16 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
             for prefix, index, h, logits in groups:
                 # this route's settings of the segment so far: its norms of the stage output (a
                 # pre-activation norm) run in the next segment's first block
-                plans.apply(j, prefix)
+                if applied.get(j) != prefix:
+                    plans.apply(j, prefix)
+                    applied[j] = prefix
                 gate_logits, h = run.gates[gate_stage](h)
                 logits = [*logits, gate_logits]
                 choice = gate_logits.argmax(1)
-                picks = sorted(set(choice.tolist()))
+                if choice.shape[0] == 1:   # batch 1: no grouping, no copies
+                    picks = [int(choice)]
+                else:
+                    picks = choice.unique().tolist()   # sorted
                 for k in picks:
                     if len(picks) == 1:
                         part_index, part, part_logits = index, h, logits
@@ -287,17 +334,21 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         part_index = sel if index is None else index.index_select(0, sel)
                         part = h.index_select(0, sel)
                         part_logits = [g.index_select(0, sel) for g in logits]
-                    plans.apply(j + 1, prefix + (k,))
+                    route = prefix + (k,)
+                    plans.apply(j + 1, route)
+                    applied[j + 1] = route
                     for stage in ds.segment_stages(j + 1):
                         part = run.stages[stage](part)
                     if j == last:
                         part = run.tail(net, part)  # the head belongs to the last segment: run it now
-                    following.append((prefix + (k,), part_index, part, part_logits))
+                    plans.keep(j, prefix)
+                    plans.keep(j + 1, route)
+                    following.append((route, part_index, part, part_logits))
             groups = following
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
-        routes = torch.tensor([prefix], device=x.device).expand(x.shape[0], -1)
-        ds.last = Decisions(routes, torch.stack(logits, 1))
+        routes = plans.route_tensor(prefix, x.device).expand(x.shape[0], -1)
+        ds.last = Decisions(routes, logits[0].unsqueeze(1) if len(logits) == 1 else torch.stack(logits, 1))
         return out
     first = groups[0][2]
     out = first.new_empty((x.shape[0], *first.shape[1:]))
@@ -305,7 +356,7 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     all_logits = first.new_empty((x.shape[0], ds.num_gates, ds.num_choices))
     for prefix, index, y, logits in groups:
         out[index] = y
-        routes[index] = torch.tensor(prefix, device=x.device)
+        routes[index] = plans.route_tensor(prefix, x.device)
         all_logits[index] = torch.stack(logits, 1)
     ds.last = Decisions(routes, all_logits)
     return out

@@ -117,6 +117,10 @@ class _Runner:
         self.stem, self.finish = _family(net)
         self.stages = [net.get_submodule(name) for name in net.slim.stages]
         self.gates = {int(stage): gate for stage, gate in net.gates.items()}
+        ds: DynamicState = net.ds
+        # per segment, its stage modules in order; per gate j, (its gate, the stages of segment j + 1)
+        self.segments = [[self.stages[i] for i in ds.segment_stages(j)] for j in range(ds.num_gates + 1)]
+        self.gated = [(self.gates[stage], self.segments[j + 1]) for j, stage in enumerate(ds.gate_stages)]
 
     def tail(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What ``forward`` runs after the last stage."""
@@ -302,29 +306,37 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plans.check()
     last = ds.num_gates - 1
     # segment -> the route prefix whose plan its layers hold now: a plan is applied only when
-    # another group changed it, which at batch 1 (one group) is once per segment and call
+    # another group changed it (at batch 1, once per segment and call); the BatchNorm snapshots a
+    # plan's run made are stored back into it when another plan replaces it, and at the end
     applied: Dict[int, Tuple[int, ...]] = {0: ()}
+
+    def use(segment: int, prefix: Tuple[int, ...]) -> None:
+        held = applied.get(segment)
+        if held != prefix:
+            if held is not None:
+                plans.keep(segment, held)
+            plans.apply(segment, prefix)
+            applied[segment] = prefix
+
     with _statistics_hint():
         plans.apply(0, ())
         h = run.stem(net, x)
-        for stage in ds.segment_stages(0):
-            h = run.stages[stage](h)
+        for stage in run.segments[0]:
+            h = stage(h)
         # A group: (route prefix, its inputs' indices in the batch (None: all), features, gate logits so far).
         groups: list = [((), None, h, [])]
-        for j, gate_stage in enumerate(ds.gate_stages):
+        for j, (gate, stages) in enumerate(run.gated):
             following = []
             for prefix, index, h, logits in groups:
                 # this route's settings of the segment so far: its norms of the stage output (a
                 # pre-activation norm) run in the next segment's first block
-                if applied.get(j) != prefix:
-                    plans.apply(j, prefix)
-                    applied[j] = prefix
-                gate_logits, h = run.gates[gate_stage](h)
+                use(j, prefix)
+                gate_logits, h = gate(h)
                 logits = [*logits, gate_logits]
-                choice = gate_logits.argmax(1)
-                if choice.shape[0] == 1:   # batch 1: no grouping, no copies
-                    picks = [int(choice)]
+                if gate_logits.shape[0] == 1:   # batch 1: no grouping, no copies
+                    choice, picks = None, [int(gate_logits.argmax())]
                 else:
+                    choice = gate_logits.argmax(1)
                     picks = choice.unique().tolist()   # sorted
                 for k in picks:
                     if len(picks) == 1:
@@ -335,16 +347,15 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         part = h.index_select(0, sel)
                         part_logits = [g.index_select(0, sel) for g in logits]
                     route = prefix + (k,)
-                    plans.apply(j + 1, route)
-                    applied[j + 1] = route
-                    for stage in ds.segment_stages(j + 1):
-                        part = run.stages[stage](part)
+                    use(j + 1, route)
+                    for stage in stages:
+                        part = stage(part)
                     if j == last:
                         part = run.tail(net, part)  # the head belongs to the last segment: run it now
-                    plans.keep(j, prefix)
-                    plans.keep(j + 1, route)
                     following.append((route, part_index, part, part_logits))
             groups = following
+        for segment, prefix in applied.items():
+            plans.keep(segment, prefix)
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
         routes = plans.route_tensor(prefix, x.device).expand(x.shape[0], -1)

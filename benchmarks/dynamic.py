@@ -56,7 +56,7 @@ BEGIN, END = '<!-- dynamic-varied:begin -->', '<!-- dynamic-varied:end -->'
 SETTING = ['--img-size', '16', '--width-range', '0.125', '1', '--choices', '0.125', '0.25', '0.5', '1',
            '--gates-at', '1', '--fixed-width', '0.5', '--sgs', 'smallest-correct', '--epochs', '10',
            '--gate-epochs', '4', '--target-macs', '0.15', '0.25', '0.4']
-VERSION = 2   # of what evaluate_run caches per run
+VERSION = 3   # of what evaluate_run caches per run
 STATIC = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 
 
@@ -99,6 +99,63 @@ def _route_correct(net: torch.nn.Module, loader) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _gate_inputs(net: torch.nn.Module, loader) -> torch.Tensor:
+    """``(images, channels)``: what the first gate sees, its stage input average-pooled."""
+    ds = net.ds
+    seen: List[torch.Tensor] = []
+    stage = net.get_submodule(net.slim.stages[ds.gate_stages[0]])
+    handle = stage.register_forward_pre_hook(lambda m, a: seen.append(a[0].mean((2, 3))))
+    try:
+        with torch.inference_mode():
+            timm_slim.set_width(net, ds.route_width((0,) * ds.num_gates))
+            for x, _ in loader:
+                net.eval()(x)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float('nan')
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
+def _difficulty_auc(net: torch.nn.Module, data, order: torch.Tensor, val_right: torch.Tensor) -> float:
+    """How well *any* linear gate at the first gate's position could tell hard inputs from easy
+    ones: a logistic regression on the pooled gate input, fit on the training images (labels:
+    the cheapest route wrong and a wider one right), its AUC on the test images."""
+    from sklearn.linear_model import LogisticRegression
+
+    train_right = _route_correct(net, data.calib)[order]
+    labels = (~train_right[0] & train_right.any(0))
+    keep = labels | train_right[0]
+    features = _gate_inputs(net, data.calib)[keep].double().numpy()
+    fit = LogisticRegression(max_iter=2000, class_weight='balanced').fit(features, labels[keep].numpy())
+    test_keep = (~val_right[0] & val_right.any(0)) | val_right[0]
+    score = torch.from_numpy(fit.decision_function(_gate_inputs(net, data.val)[test_keep].double().numpy()))
+    return _auc(score, (~val_right[0] & val_right.any(0))[test_keep])
+
+
+def _gate_auc(folder: Path, file: str, data, val_right: torch.Tensor) -> float:
+    """AUC of a trained gate's preference for its widest choice over its narrowest (logit
+    difference) at telling the hard test inputs from the easy ones."""
+    gated = timm_slim.load(folder / file).eval()
+    timm_slim.set_width(gated, 'dynamic')
+    rows = []
+    with torch.inference_mode():
+        for x, _ in data.val:
+            gated(x)
+            rows.append(gated.ds.last.logits[:, 0])   # the first gate's logits
+    logits = torch.cat(rows)
+    hard, easy = ~val_right[0] & val_right.any(0), val_right[0]
+    keep = hard | easy
+    return _auc((logits[:, -1] - logits[:, 0])[keep], hard[keep])
+
+
 def evaluate_run(folder: Path, argv: List[str], static: Sequence[float]) -> Dict[str, Any]:
     """Static widths, operating points and the oracle of one run; cached in ``folder/benchmark.json``."""
     cache = folder / 'benchmark.json'
@@ -130,13 +187,15 @@ def evaluate_run(folder: Path, argv: List[str], static: Sequence[float]) -> Dict
     for p, text in zip(results['dynamic'], results['args']['target_macs']):
         wide = torch.tensor([r['macs'] for r in per_input[text]], dtype=torch.float64) > route_macs[order][0]
         points.append({'label': p['width'], 'macs': p['macs'], 'top1': p['top1'], 'histogram': p['histogram'],
-                       'file': p['file'], 'wide_share_hard': 100.0 * wide[hard].double().mean().item(),
+                       'file': p['file'], 'gate_auc': _gate_auc(folder, p['file'], data, right),
+                       'wide_share_hard': 100.0 * wide[hard].double().mean().item(),
                        'wide_share_easy': 100.0 * wide[easy].double().mean().item(),
                        'static_top1_at_macs': float(np.interp(p['macs'], macs, [s['top1'] for s in statics]))})
     out = {'version': VERSION, 'static_widths': list(static), 'full_macs': results['full_macs'],
            'input_size': list(size), 'model': results['model'], 'data': results['data'], 'static': statics,
            'dynamic': points,
-           'oracle': oracle, 'route_top1': (100.0 * correct.float().mean(1)).tolist(),
+           'oracle': oracle, 'linear_gate_auc': _difficulty_auc(net, data, order, right),
+           'route_top1': (100.0 * correct.float().mean(1)).tolist(),
            'route_macs': results['route_macs']}
     write_json(out, str(cache))
     return out
@@ -216,19 +275,21 @@ def accuracy_table(runs: List[Dict[str, Any]]) -> str:
     rows = []
     for i, width in enumerate(runs[0]['static_widths']):
         rows.append([f'static {format_width(width)}', f'{runs[0]["static"][i]["macs"] / full:.3f}',
-                     _mean_sd([r['static'][i]['top1'] for r in runs]), '', ''])
+                     _mean_sd([r['static'][i]['top1'] for r in runs]), '', '', ''])
     for i, point in enumerate(runs[0]['dynamic']):
         gaps = [r['dynamic'][i]['top1'] - r['dynamic'][i]['static_top1_at_macs'] for r in runs]
         rows.append([point['label'], _mean_sd([r['dynamic'][i]['macs'] / full for r in runs], 3),
                      _mean_sd([r['dynamic'][i]['top1'] for r in runs]), _mean_sd(gaps),
                      f'{_mean_sd([r["dynamic"][i]["wide_share_hard"] for r in runs], 1)} / '
-                     f'{_mean_sd([r["dynamic"][i]["wide_share_easy"] for r in runs], 1)}'])
+                     f'{_mean_sd([r["dynamic"][i]["wide_share_easy"] for r in runs], 1)}',
+                     _mean_sd([r['dynamic'][i]['gate_auc'] for r in runs])])
     gaps = [r['oracle']['top1'] - float(np.interp(r['oracle']['macs'], [s['macs'] for s in r['static']],
                                                   [s['top1'] for s in r['static']])) for r in runs]
     rows.append(['oracle gate', _mean_sd([r['oracle']['macs'] / full for r in runs], 3),
-                 _mean_sd([r['oracle']['top1'] for r in runs]), _mean_sd(gaps), '100 / 0'])
+                 _mean_sd([r['oracle']['top1'] for r in runs]), _mean_sd(gaps), '100 / 0', '1'])
+    rows.append(['linear gate (fit)', '', '', '', '', _mean_sd([r['linear_gate_auc'] for r in runs])])
     return markdown_table(['network', 'MACs (of full)', 'top-1 (%)', 'dynamic - static at equal MACs (points)',
-                           'sent wider (%): hard / easy inputs'], rows)
+                           'sent wider (%): hard / easy inputs', 'gate AUC, hard vs easy'], rows)
 
 
 def time_table(rows: List[Dict[str, Any]], full: float) -> str:

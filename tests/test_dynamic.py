@@ -144,9 +144,10 @@ def test_batch_of_one_runs_the_sliced_route(resnet):
 
 
 def test_routing_caches_follow_weight_updates_and_dtype_moves(resnet):
-    """Routing keeps each route's BatchNorm snapshots and the gates keep contiguous fc1 slices
-    (issue 11): after an in-place weight update and a ``.to(float32)`` the outputs still equal
-    every input run alone at its static route, and the logits the gate's own weights give."""
+    """Routing applies a segment's plan only when another route changed it, BatchNorms keep a
+    snapshot per route and the gates keep contiguous fc1 slices (issue 11): after an in-place
+    weight update and a ``.to(float32)`` the outputs still equal every input run alone at its
+    static route, and the logits the gate's own weights give."""
     model = copy.deepcopy(resnet)
     ds = model.ds
     gate = model.gates[str(ds.gate_stages[0])]

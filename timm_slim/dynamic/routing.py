@@ -212,7 +212,6 @@ class _Plans:
             self.segment_layers[ds.segment_of_stage(state.graph.stage_of[name])].append((name, layer))
         self.settings: Dict[Tuple[int, Tuple[int, ...]], list] = {}
         self.counts: Dict[Tuple[int, Tuple[int, ...]], Dict[int, int]] = {}
-        self.norms: Dict[Tuple[int, Tuple[int, ...]], list] = {}   # the BatchNorm entries of settings
         self._route_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         previous = get_width(net)
         try:
@@ -226,13 +225,7 @@ class _Plans:
                     self.settings[segment, prefix] = [
                         (layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                         for _, layer in self.segment_layers[segment]]
-                    self.norms[segment, prefix] = [(attrs, values) for attrs, values in self.settings[segment, prefix]
-                                                   if 'width_key' in values]
             set_width(net, 1.0)
-            # A BatchNorm buffer whose storage ``.to()`` replaces: stored snapshots then go (``check``).
-            self._witness = next((layer._buffers, name) for _, layer in slim_layers(net)
-                                 for name, buffer in layer._buffers.items() if buffer is not None)
-            self._storage = self._storage_now()
             self.full = [(layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                          for _, layer in slim_layers(net)]
         finally:
@@ -245,14 +238,6 @@ class _Plans:
         for attrs, values in self.settings[segment, prefix]:
             attrs.update(values)
 
-    def keep(self, segment: int, prefix: Tuple[int, ...]) -> None:
-        """Store the BatchNorms' inference snapshots (``_frozen``) of this plan in it, so that the
-        next ``apply`` restores them: a BatchNorm keeps one snapshot, and inputs that alternate
-        between routes would otherwise re-copy the affine and statistics at every switch (the
-        layer still checks the snapshot's key, so a stale one is rebuilt, never used)."""
-        for attrs, values in self.norms[segment, prefix]:
-            values['_snapshot'] = attrs.get('_snapshot')
-
     def route_tensor(self, route: Tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``(1, gates)`` tensor of a route, made once (``torch.tensor`` costs ~10 us a call)."""
         key = (route, device)
@@ -260,20 +245,6 @@ class _Plans:
         if tensor is None:
             tensor = self._route_tensors[key] = torch.tensor([route], device=device)
         return tensor
-
-    def _storage_now(self) -> int:
-        buffers, name = self._witness
-        return buffers[name].data_ptr()
-
-    def check(self) -> None:
-        """Drop the kept snapshots after a ``.to()`` (new storage, same version counters), which
-        the layers' own snapshot keys do not see."""
-        storage = self._storage_now()
-        if storage != self._storage:
-            self._storage = storage
-            for norms in self.norms.values():
-                for _, values in norms:
-                    values.pop('_snapshot', None)
 
     def apply_full(self) -> None:
         for attrs, values in self.full:
@@ -303,18 +274,14 @@ def _statistics_hint() -> Iterator[None]:
 def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ds: DynamicState = net.ds
     run, plans = _runner(net), _plans(net)
-    plans.check()
     last = ds.num_gates - 1
     # segment -> the route prefix whose plan its layers hold now: a plan is applied only when
-    # another group changed it (at batch 1, once per segment and call); the BatchNorm snapshots a
-    # plan's run made are stored back into it when another plan replaces it, and at the end
+    # another group changed it (at batch 1, once per segment and call). A BatchNorm of a gated
+    # stage keeps an inference snapshot per route itself (``snapshot_capacity``, set by add_gates).
     applied: Dict[int, Tuple[int, ...]] = {0: ()}
 
     def use(segment: int, prefix: Tuple[int, ...]) -> None:
-        held = applied.get(segment)
-        if held != prefix:
-            if held is not None:
-                plans.keep(segment, held)
+        if applied.get(segment) != prefix:
             plans.apply(segment, prefix)
             applied[segment] = prefix
 
@@ -354,8 +321,6 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         part = run.tail(net, part)  # the head belongs to the last segment: run it now
                     following.append((route, part_index, part, part_logits))
             groups = following
-        for segment, prefix in applied.items():
-            plans.keep(segment, prefix)
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
         routes = plans.route_tensor(prefix, x.device).expand(x.shape[0], -1)

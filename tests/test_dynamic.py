@@ -143,6 +143,51 @@ def test_batch_of_one_runs_the_sliced_route(resnet):
     assert seen['layer4.0.conv1'][1] in (128, 256, 384, 512)
 
 
+def test_routing_caches_follow_weight_updates_and_dtype_moves(resnet):
+    """Routing applies a segment's plan only when another route changed it, BatchNorms keep a
+    snapshot per route and the gates keep contiguous fc1 slices (issue 11): after an in-place
+    weight update and a ``.to(float32)`` the outputs still equal every input run alone at its
+    static route, and the logits the gate's own weights give."""
+    model = copy.deepcopy(resnet)
+    ds = model.ds
+    gate = model.gates[str(ds.gate_stages[0])]
+    seen = []
+    hook = gate.register_forward_hook(lambda m, i, o: seen.append((i[0], o[0])))
+    x = _inputs(n=8)
+
+    def check(dtype):
+        seen.clear()
+        timm_slim.set_width(model, 'dynamic')
+        with torch.inference_mode():
+            out, routes = [], []
+            for i in range(len(x)):
+                out.append(model(x[i:i + 1].to(dtype)))
+                routes.append(ds.last.routes[0].tolist())
+            static = []
+            for i, route in enumerate(routes):
+                with timm_slim.use_width(model, ds.route_width(route)):
+                    static.append(model(x[i:i + 1].to(dtype)))
+        assert len({tuple(r) for r in routes}) >= 2 and out[0].dtype == dtype
+        torch.testing.assert_close(torch.cat(out), torch.cat(static), rtol=0, atol=1e-5)
+        fc1, fc2 = gate.fc1, gate.fc2
+        for h, logits in seen:
+            hidden = torch.relu(torch.nn.functional.linear(h.mean((2, 3)), fc1.weight[:, :h.shape[1]], fc1.bias))
+            torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, fc2.weight, fc2.bias),
+                                       rtol=0, atol=1e-6)
+
+    try:
+        check(torch.float64)
+        with torch.no_grad():
+            gate.fc1.weight.mul_(-1.5)
+            model.layer3[0].bn1.weight.mul_(1.5)
+            model.layer4[1].bn2.bias.add_(0.5)
+        check(torch.float64)
+        model.to(torch.float32)
+        check(torch.float32)
+    finally:
+        hook.remove()
+
+
 def test_modes_and_deterministic_evaluation(mobilenet):
     x = _inputs()
     timm_slim.set_width(mobilenet, 'dynamic')

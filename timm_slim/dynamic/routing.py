@@ -117,6 +117,10 @@ class _Runner:
         self.stem, self.finish = _family(net)
         self.stages = [net.get_submodule(name) for name in net.slim.stages]
         self.gates = {int(stage): gate for stage, gate in net.gates.items()}
+        ds: DynamicState = net.ds
+        # per segment, its stage modules in order; per gate j, (its gate, the stages of segment j + 1)
+        self.segments = [[self.stages[i] for i in ds.segment_stages(j)] for j in range(ds.num_gates + 1)]
+        self.gated = [(self.gates[stage], self.segments[j + 1]) for j, stage in enumerate(ds.gate_stages)]
 
     def tail(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What ``forward`` runs after the last stage."""
@@ -208,6 +212,7 @@ class _Plans:
             self.segment_layers[ds.segment_of_stage(state.graph.stage_of[name])].append((name, layer))
         self.settings: Dict[Tuple[int, Tuple[int, ...]], list] = {}
         self.counts: Dict[Tuple[int, Tuple[int, ...]], Dict[int, int]] = {}
+        self._route_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         previous = get_width(net)
         try:
             for segment in range(ds.num_gates + 1):
@@ -232,6 +237,14 @@ class _Plans:
     def apply(self, segment: int, prefix: Tuple[int, ...]) -> None:
         for attrs, values in self.settings[segment, prefix]:
             attrs.update(values)
+
+    def route_tensor(self, route: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``(1, gates)`` tensor of a route, made once (``torch.tensor`` costs ~10 us a call)."""
+        key = (route, device)
+        tensor = self._route_tensors.get(key)
+        if tensor is None:
+            tensor = self._route_tensors[key] = torch.tensor([route], device=device)
+        return tensor
 
     def apply_full(self) -> None:
         for attrs, values in self.full:
@@ -262,23 +275,36 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ds: DynamicState = net.ds
     run, plans = _runner(net), _plans(net)
     last = ds.num_gates - 1
+    # segment -> the route prefix whose plan its layers hold now: a plan is applied only when
+    # another group changed it (at batch 1, once per segment and call). A BatchNorm of a gated
+    # stage keeps an inference snapshot per route itself (``snapshot_capacity``, set by add_gates).
+    applied: Dict[int, Tuple[int, ...]] = {0: ()}
+
+    def use(segment: int, prefix: Tuple[int, ...]) -> None:
+        if applied.get(segment) != prefix:
+            plans.apply(segment, prefix)
+            applied[segment] = prefix
+
     with _statistics_hint():
         plans.apply(0, ())
         h = run.stem(net, x)
-        for stage in ds.segment_stages(0):
-            h = run.stages[stage](h)
+        for stage in run.segments[0]:
+            h = stage(h)
         # A group: (route prefix, its inputs' indices in the batch (None: all), features, gate logits so far).
         groups: list = [((), None, h, [])]
-        for j, gate_stage in enumerate(ds.gate_stages):
+        for j, (gate, stages) in enumerate(run.gated):
             following = []
             for prefix, index, h, logits in groups:
                 # this route's settings of the segment so far: its norms of the stage output (a
                 # pre-activation norm) run in the next segment's first block
-                plans.apply(j, prefix)
-                gate_logits, h = run.gates[gate_stage](h)
+                use(j, prefix)
+                gate_logits, h = gate(h)
                 logits = [*logits, gate_logits]
-                choice = gate_logits.argmax(1)
-                picks = sorted(set(choice.tolist()))
+                if gate_logits.shape[0] == 1:   # batch 1: no grouping, no copies
+                    choice, picks = None, [int(gate_logits.argmax())]
+                else:
+                    choice = gate_logits.argmax(1)
+                    picks = choice.unique().tolist()   # sorted
                 for k in picks:
                     if len(picks) == 1:
                         part_index, part, part_logits = index, h, logits
@@ -287,17 +313,18 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         part_index = sel if index is None else index.index_select(0, sel)
                         part = h.index_select(0, sel)
                         part_logits = [g.index_select(0, sel) for g in logits]
-                    plans.apply(j + 1, prefix + (k,))
-                    for stage in ds.segment_stages(j + 1):
-                        part = run.stages[stage](part)
+                    route = prefix + (k,)
+                    use(j + 1, route)
+                    for stage in stages:
+                        part = stage(part)
                     if j == last:
                         part = run.tail(net, part)  # the head belongs to the last segment: run it now
-                    following.append((prefix + (k,), part_index, part, part_logits))
+                    following.append((route, part_index, part, part_logits))
             groups = following
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
-        routes = torch.tensor([prefix], device=x.device).expand(x.shape[0], -1)
-        ds.last = Decisions(routes, torch.stack(logits, 1))
+        routes = plans.route_tensor(prefix, x.device).expand(x.shape[0], -1)
+        ds.last = Decisions(routes, logits[0].unsqueeze(1) if len(logits) == 1 else torch.stack(logits, 1))
         return out
     first = groups[0][2]
     out = first.new_empty((x.shape[0], *first.shape[1:]))
@@ -305,7 +332,7 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     all_logits = first.new_empty((x.shape[0], ds.num_gates, ds.num_choices))
     for prefix, index, y, logits in groups:
         out[index] = y
-        routes[index] = torch.tensor(prefix, device=x.device)
+        routes[index] = plans.route_tensor(prefix, x.device)
         all_logits[index] = torch.stack(logits, 1)
     ds.last = Decisions(routes, all_logits)
     return out

@@ -73,6 +73,10 @@ class Gate(nn.Module):
             cached = slices[channels] = (key, weight[:, :channels].detach().clone())
         return cached[1]
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop('_fc1_slices', None)   # .to(): new storage, perhaps at a freed copy's address
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, decide: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(logits or None, the stage input, scaled by the SE head when there is one)."""
         channels = x.shape[1]

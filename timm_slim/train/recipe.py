@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ema = SlimModelEma(model, decay=args.model_ema_decay)
         accelerator.register_for_checkpointing(ema)
     sampler = make_sampler(model, n=getattr(args, 'num_widths', 4), seed=args.seed,
-                           sample=getattr(args, 'sample', SAMPLES[0]))
+                           sample=getattr(args, 'sample', SAMPLES[0]), sandwich=getattr(args, 'sandwich', True))
     description = _run_description(args, data)
 
     start_epoch, step, history = 0, 0, []
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     trainer = Trainer(model, optimizer, sampler, criterion=LabelSmoothingCrossEntropy(args.smoothing)
                       if args.smoothing else nn.CrossEntropyLoss(), accelerator=accelerator, scheduler=scheduler,
                       ema=ema, distill=args.inplace_distill, grad_accum_steps=args.grad_accum_steps,
-                      clip_grad=args.clip_grad, step=step)
+                      clip_grad=args.clip_grad, step=step, grad_norm=args.grad_norm)
     if accelerator.is_main_process:
         write_run_config(args)
     accelerator.init_trackers(args.method, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -36,14 +36,16 @@ each output channel's gradient divided by the number of widths that used it."""
 class ChannelUseCounter:
     """Count, per parameter and output channel, the widths of one step that used it; then divide.
 
-    Use it around one optimizer step's forwards and backwards::
+    ``train_step(..., grad_norm='per-channel')`` uses it so; in a loop of your own:
 
-        counter = ChannelUseCounter(model)
-        with counter:
-            for width in widths:
-                ...forward, backward...
-                counter.end_pass()
-        counter.normalise(passes_per_width=len(micro_batches))
+    ```python
+    counter = ChannelUseCounter(model)
+    with counter:
+        for width in widths:
+            ...  # set the width, forward, backward
+            counter.end_pass()
+    counter.normalise(passes_per_width=len(micro_batches))
+    ```
     """
 
     def __init__(self, model: nn.Module) -> None:

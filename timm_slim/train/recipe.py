@@ -80,6 +80,23 @@ def _run_description(args: argparse.Namespace, data: Data) -> Dict[str, Any]:
             'epochs': args.epochs, 'sample': getattr(args, 'sample', SAMPLES[0])}
 
 
+RUNNING_STATS = 'running_stats.safetensors'
+"""The BatchNorm running averages as training left them, written before the final calibration
+overwrites them (exact statistics replace the full width's): the no-calibration baseline of the
+calibration ablation (docs: Ablations)."""
+
+
+def save_running_stats(net: nn.Module, path: str) -> None:
+    """Save every BatchNorm's ``running_mean``/``running_var`` (private ones too) to ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {name: buffer.detach().contiguous().cpu() for name, buffer in net.named_buffers()
+               if name.endswith(('.running_mean', '.running_var'))}
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    save_file(tensors, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Train, evaluate, report and save; returns what ``results.json`` holds."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -147,6 +164,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         metrics = trainer.train_epoch(train_loader, epoch, progress=not args.no_progress)
         scheduler.step(epoch + 1)
         last = epoch == args.epochs - 1
+        if last and accelerator.is_main_process:
+            save_running_stats(net, os.path.join(args.output, RUNNING_STATS))
         if last or (epoch + 1) % args.eval_interval == 0:
             prepare_statistics(net, args.eval_widths, _stats_mode(args, final=last), data.calib, args.calib_images)
             rows = evaluate(net, val_loader, args.eval_widths, accelerator)

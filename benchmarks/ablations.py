@@ -117,6 +117,10 @@ def build_groups() -> Dict[str, Group]:
     }
 
 
+# The order the groups train in (the page keeps its own): the cheapest and most telling first, DS-Net last.
+RUN_ORDER = ['sandwich', 'distill', 'calibration', 'lr', 'snet', 'num-widths', 'smallest', 'dsnet']
+
+
 # -- runs ---------------------------------------------------------------------------------------
 def common_flags(args: argparse.Namespace) -> List[str]:
     flags = ['--model', f'{args.model}_slim', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
@@ -142,6 +146,9 @@ def train(variant: Variant, args: argparse.Namespace, seed: int) -> dict:
     """One recipe run (or the finished one read back): its results.json, with ``folder``."""
     argv = variant_argv(variant, args, seed)
     folder = run_folder(variant, argv, args.output, seed)
+    if not args.fresh and not os.path.exists(os.path.join(folder, 'results.json')) and \
+            os.path.isdir(os.path.join(folder, 'checkpoints')) and os.listdir(os.path.join(folder, 'checkpoints')):
+        argv = argv + ['--resume', folder]   # an interrupted run continues from its last epoch
     if variant.method == 'dsnet':
         from timm_slim.dynamic.recipe import parse_args, run
         parsed = parse_args(argv + ['--output', folder])
@@ -374,14 +381,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     chosen = {name: groups[name] for name in (args.only or groups)}
-    variants: List[Variant] = []
-    for name, group in chosen.items():
-        needed = [v for _, v in group.rows] + ([BASE] if name == 'calibration' else [])
-        variants += [v for v in needed if v not in variants]
     started = time.perf_counter()
     runs: Dict[Tuple[Variant, int], dict] = {}
-    for seed in args.seeds:   # seed by seed: an interrupted page has whole seeds
-        for variant in variants:
+    # Group by group (an interrupted page has whole groups, all seeds), in RUN_ORDER.
+    order = [(variant, seed) for name in sorted(chosen, key=RUN_ORDER.index) for seed in args.seeds
+             for variant in [v for _, v in chosen[name].rows] + ([BASE] if name == 'calibration' else [])]
+    for variant, seed in order:
+        if (variant, seed) not in runs:
             runs[variant, seed] = train(variant, args, seed)
             print(f'{variant.key} seed {seed}: {runs[variant, seed]["seconds"]:.0f} s, top-1 '
                   f'{ {w: round(t, 1) for w, t in runs[variant, seed]["top1"].items()} } '

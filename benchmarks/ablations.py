@@ -121,6 +121,11 @@ def build_groups() -> Dict[str, Group]:
 RUN_ORDER = ['sandwich', 'distill', 'calibration', 'lr', 'snet', 'num-widths', 'smallest', 'dsnet']
 
 
+def needs(name: str, group: Group) -> List[Variant]:
+    """The trained variants a group's table reads (calibration: the baseline US-Net)."""
+    return [BASE] if name == 'calibration' else [v for _, v in group.rows]
+
+
 # -- runs ---------------------------------------------------------------------------------------
 def common_flags(args: argparse.Namespace) -> List[str]:
     flags = ['--model', f'{args.model}_slim', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
@@ -143,7 +148,8 @@ def run_folder(variant: Variant, argv: Sequence[str], output: str, seed: int) ->
 
 
 def train(variant: Variant, args: argparse.Namespace, seed: int) -> dict:
-    """One recipe run (or the finished one read back): its results.json, with ``folder``."""
+    """One recipe run (or the finished one read back): its top-1 per width, seconds and folder
+    (``None`` with ``--no-train`` when it has not finished)."""
     argv = variant_argv(variant, args, seed)
     folder = run_folder(variant, argv, args.output, seed)
     if not args.fresh and not os.path.exists(os.path.join(folder, 'results.json')) and \
@@ -155,7 +161,9 @@ def train(variant: Variant, args: argparse.Namespace, seed: int) -> dict:
     else:
         from timm_slim.train.recipe import parse_args, run
         parsed = parse_args(variant.method, argv + ['--output', folder])
-    results = finished_run(parsed, run, reuse=not args.fresh)
+    results = finished_run(parsed, (lambda _args: None) if args.no_train else run, reuse=not args.fresh)
+    if results is None:
+        return None
     rows = results['static'] if variant.method == 'dsnet' else results['widths']
     return {'top1': {row['width']: row['top1'] for row in rows}, 'seconds': results['seconds'], 'folder': folder}
 
@@ -349,8 +357,8 @@ def plot(panels: Dict[str, List[Tuple[str, Dict[float, List[float]]]]], path: st
             widths = sorted(per_width)
             stats = [mean_se(per_width[w]) for w in widths]
             ax.errorbar(widths, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], marker='o', capsize=3,
-                        label=label[:38])
-        ax.set_title(name, fontsize=10)
+                        label=label[:48])
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel('width')
         ax.set_ylabel('top-1 (%)')
         ax.grid(alpha=0.3)
@@ -375,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--threads', type=int, default=1, help='intra-op threads (1: stable on a shared machine)')
     parser.add_argument('--output', default='output/ablations')
     parser.add_argument('--write-docs', action='store_true', help='rewrite the results sections of docs/ablations.md')
+    parser.add_argument('--no-train', action='store_true',
+                        help='train nothing: tables from the finished runs, the other groups marked as not run')
     parser.add_argument('--fresh', action='store_true', help='train every run again, even those already in --output')
     parser.add_argument('recipe_args', nargs=argparse.REMAINDER,
                         help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
@@ -385,10 +395,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: Dict[Tuple[Variant, int], dict] = {}
     # Group by group (an interrupted page has whole groups, all seeds), in RUN_ORDER.
     order = [(variant, seed) for name in sorted(chosen, key=RUN_ORDER.index) for seed in args.seeds
-             for variant in [v for _, v in chosen[name].rows] + ([BASE] if name == 'calibration' else [])]
+             for variant in needs(name, chosen[name])]
     for variant, seed in order:
         if (variant, seed) not in runs:
             runs[variant, seed] = train(variant, args, seed)
+            if runs[variant, seed] is None:
+                continue
             print(f'{variant.key} seed {seed}: {runs[variant, seed]["seconds"]:.0f} s, top-1 '
                   f'{ {w: round(t, 1) for w, t in runs[variant, seed]["top1"].items()} } '
                   f'({(time.perf_counter() - started) / 60:.1f} min)', flush=True)
@@ -400,7 +412,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     sections: Dict[str, str] = {}
     panels: Dict[str, List[Tuple[str, Dict[float, List[float]]]]] = {}
+    missing = {name for name in chosen for variant, seed in order
+               if runs.get((variant, seed)) is None and variant in needs(name, chosen[name])}
+    runs = {k: v for k, v in runs.items() if v is not None}
     for name, group in chosen.items():
+        if name in missing:
+            sections[name] = (f'Not run yet: `python benchmarks/ablations.py --only {name} --write-docs` trains '
+                              f'its runs (the finished ones are read back).')
+            print(f'\n## {group.title}\n\n{sections[name]}')
+            continue
         if name == 'calibration':
             eval_widths = sorted(runs[BASE, seeds[0]]['top1'])
             per_seed = [cached(os.path.join(runs[BASE, s]['folder'], 'calibration_ablation.json'),
@@ -437,12 +457,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = (f'Measured with `{command}`: {args.model} at {args.img_size}x{args.img_size}, {args.epochs} epochs, '
                f'seeds {", ".join(map(str, seeds))}; {len(runs)} recipe runs, {minutes:.0f} minutes of training '
                f'({machine}). Common flags of every run: `{" ".join(common_flags(args))}`.')
+    if missing:
+        summary += (f' Not run yet: {", ".join(sorted(missing, key=list(chosen).index))}; '
+                    f'`{command.replace(" --no-train", "")}` trains them (the finished runs are read back).')
     print(f'\n{summary}')
     if args.write_docs:
         for name, text in sections.items():
             write_section(PAGE, f'<!-- ablations:{name}:begin -->', f'<!-- ablations:{name}:end -->', text)
         write_section(PAGE, '<!-- ablations:summary:begin -->', '<!-- ablations:summary:end -->', summary)
-        if args.only is None:
+        if args.only is None and len(panels) > 1:
             plot(panels, PLOT, f'{args.model} on digits ({args.img_size}px, {args.epochs} epochs): mean top-1, '
                                f'{len(seeds)} seeds, bars one standard error')
     return 0

@@ -24,7 +24,8 @@ several ways. The groups (``--only``):
   ``benchmarks/accuracy.py``), and that shared-BN model calibrated after training;
 * ``dsnet``: DS-Net Stage I with and without In-place Ensemble Bootstrapping (static widths);
 * ``lr``: the learning rate against n (x1, x1/sqrt(n), x1/n of a single model's 0.08) and
-  per-channel gradient normalisation (``--grad-norm per-channel``) at x1.
+  per-channel gradient normalisation (``--grad-norm per-channel``) at x1;
+* ``lr-nodistill``: the same without inplace distillation.
 
 Every gap is a paired difference against the group's reference row over the same seeds:
 mean ± standard error of the mean; a gap is marked (bold) only when its 95% t-interval excludes 0.
@@ -76,6 +77,7 @@ class Group:
 
 
 BASE = Variant('usnet', 'usnet')   # US-Net: [0.35, 1], sandwich n=4, inplace distillation, lr 0.02
+NO_DISTILL = Variant('nodistill', 'usnet', ('--no-inplace-distill',))
 
 
 def build_groups() -> Dict[str, Group]:
@@ -90,7 +92,7 @@ def build_groups() -> Dict[str, Group]:
             *[(f'n = {k}', Variant(f'n{k}', 'usnet', ('--num-widths', str(k)))) for k in (2, 3, 5)]]),
         'distill': Group('Inplace distillation', [
             ('on (the narrow widths learn the full width\'s soft predictions)', BASE),
-            ('off (every width learns from the labels)', Variant('nodistill', 'usnet', ('--no-inplace-distill',)))]),
+            ('off (every width learns from the labels)', NO_DISTILL)]),
         'calibration': Group('BatchNorm calibration: images and statistic', [], note='calibration'),
         'smallest': Group('Smallest width', [
             ('0.35 (the paper\'s)', BASE),
@@ -114,11 +116,19 @@ def build_groups() -> Dict[str, Group]:
             (f'x1 = {SINGLE_LR:g}', Variant('lr-x1', 'usnet', ('--lr', f'{SINGLE_LR:g}'))),
             (f'x1 = {SINGLE_LR:g}, per-channel gradient normalisation',
              Variant('lr-x1-gradnorm', 'usnet', ('--lr', f'{SINGLE_LR:g}', '--grad-norm', 'per-channel')))]),
+        'lr-nodistill': Group('Learning rate and per-channel normalisation, without inplace distillation', [
+            (f'x1/n = {SINGLE_LR / n:g}', NO_DISTILL),
+            (f'x1/sqrt(n) = {SINGLE_LR / math.sqrt(n):g}',
+             Variant('nd-lr-sqrt', 'usnet', ('--no-inplace-distill', '--lr', f'{SINGLE_LR / math.sqrt(n):g}'))),
+            (f'x1 = {SINGLE_LR:g}', Variant('nd-lr-x1', 'usnet', ('--no-inplace-distill', '--lr', f'{SINGLE_LR:g}'))),
+            (f'x1 = {SINGLE_LR:g}, per-channel gradient normalisation',
+             Variant('nd-lr-x1-gradnorm', 'usnet', ('--no-inplace-distill', '--lr', f'{SINGLE_LR:g}',
+                                                     '--grad-norm', 'per-channel')))]),
     }
 
 
 # The order the groups train in (the page keeps its own): the cheapest and most telling first, DS-Net last.
-RUN_ORDER = ['sandwich', 'distill', 'calibration', 'lr', 'snet', 'num-widths', 'smallest', 'dsnet']
+RUN_ORDER = ['sandwich', 'distill', 'calibration', 'lr', 'snet', 'num-widths', 'smallest', 'dsnet', 'lr-nodistill']
 
 
 def needs(name: str, group: Group) -> List[Variant]:
@@ -349,7 +359,7 @@ def plot(panels: Dict[str, List[Tuple[str, Dict[float, List[float]]]]], path: st
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    columns = 4
+    columns = 3
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
     for ax, (name, lines) in zip(axes.flat, panels.items()):

@@ -464,12 +464,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f'torch {torch.__version__}')
     command = 'python benchmarks/ablations.py' + (' ' + ' '.join(argv if argv is not None else sys.argv[1:])
                                                   if (argv if argv is not None else sys.argv[1:]) else '')
+    command = command.replace(' --no-train', '')   # the command that trains what the tables read
     summary = (f'Measured with `{command}`: {args.model} at {args.img_size}x{args.img_size}, {args.epochs} epochs, '
                f'seeds {", ".join(map(str, seeds))}; {len(runs)} recipe runs, {minutes:.0f} minutes of training '
                f'({machine}). Common flags of every run: `{" ".join(common_flags(args))}`.')
     if missing:
         summary += (f' Not run yet: {", ".join(sorted(missing, key=list(chosen).index))}; '
-                    f'`{command.replace(" --no-train", "")}` trains them (the finished runs are read back).')
+                    f'`{command}` trains them (the finished runs are read back).')
     print(f'\n{summary}')
     if args.write_docs:
         for name, text in sections.items():

@@ -1,6 +1,6 @@
 """Do the papers' ablations hold on the digits? Each one over seeds, with its uncertainty.
 
-    python benchmarks/ablations.py                      # the whole page: 3 seeds (about 50 min on 1 thread)
+    python benchmarks/ablations.py                      # the whole page: 3 seeds (about an hour on 1 thread)
     python benchmarks/ablations.py --only calibration   # one group (it trains only the runs that group needs)
     python benchmarks/ablations.py --seeds 0 1 2 3      # one more seed: the finished runs are read back
     python benchmarks/ablations.py --write-docs         # also rewrite the tables and the plot of docs/ablations.md

@@ -33,7 +33,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -57,17 +57,20 @@ BEGIN, END = '<!-- accuracy:begin -->', '<!-- accuracy:end -->'
 def train(method: str, argv: List[str], reuse: bool) -> Tuple[Dict[float, dict], float]:
     """One recipe run: its rows by width and its wall time in seconds. With ``reuse``, a finished
     run with the same arguments is read back instead."""
-    args = parse_args(method, argv)
+    results = finished_run(parse_args(method, argv), run, reuse)
+    return {row['width']: row for row in results['widths']}, results['seconds']
+
+
+def finished_run(args: argparse.Namespace, runner: Callable[[argparse.Namespace], dict], reuse: bool) -> dict:
+    """``runner(args)``'s results, or with ``reuse`` those a finished run with exactly these
+    arguments left in ``args.output`` (so an interrupted benchmark continues where it stopped)."""
     done = os.path.join(args.output, 'results.json')
-    results = None
     if reuse and os.path.exists(done):
         with open(done) as handle:
             results = json.load(handle)
-        if {k: v for k, v in results['args'].items() if k != 'resume'} != _comparable(args):
-            results = None
-    if results is None:
-        results = run(args)
-    return {row['width']: row for row in results['widths']}, results['seconds']
+        if {k: v for k, v in results['args'].items() if k != 'resume'} == _comparable(args):
+            return results
+    return runner(args)
 
 
 def _comparable(args: argparse.Namespace) -> dict:

@@ -410,7 +410,8 @@ def test_usnet_recipe_trains_reports_and_saves(tmp_path, capsys):
     assert macs == sorted(macs) and len(set(macs)) == 4
     assert results['bn_stats'] == 'calibrate' and len(results['history']) == 1
     assert {p.name for p in out.iterdir()} >= {'supernet.safetensors', 'width-0_35.safetensors', 'width-1.safetensors',
-                                               'results.json', 'accuracy_vs_macs.png', 'config.yaml', 'checkpoints'}
+                                               'results.json', 'accuracy_vs_macs.png', 'config.yaml', 'checkpoints',
+                                               'running_stats.safetensors'}
     assert list((out / 'logs').rglob('events.out.tfevents*'))  # the tensorboard tracker wrote
     # The saved files are what was evaluated: the exported width-0.5 model reproduces the supernet.
     supernet = timm_slim.load(out / 'supernet.safetensors').eval()

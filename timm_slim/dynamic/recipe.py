@@ -108,6 +108,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.sample != 'uniform':
         raise ValueError(f'--sample {args.sample}: DS-Net routes whole stages by its gates and Stage I samples the '
                          f'routes the gates choose among; only --sample uniform applies')
+    if not args.sandwich or args.grad_norm != 'none':
+        raise ValueError('--no-sandwich and --grad-norm are US-Net/S-Net recipe options; DS-Net Stage I samples '
+                         'with In-place Ensemble Bootstrapping\'s own rule and sums the widths\' gradients')
     if args.num_widths < 3:
         raise ValueError(f'--num-widths: In-place Ensemble Bootstrapping needs at least 3 widths per step (the full '
                          f'width, random widths, the smallest route), got {args.num_widths}')

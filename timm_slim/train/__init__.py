@@ -17,12 +17,16 @@ from .engine import (
     share_full_width_statistics,
     train_step,
 )
+from .gradnorm import GRAD_NORMS, ChannelUseCounter
 from .results import markdown_table, results_table, write_json
-from .sampling import AllWidths, Sandwich, make_sampler
+from .sampling import AllWidths, RandomWidths, Sandwich, make_sampler
 
 __all__ = [
     'BN_STATS',
+    'GRAD_NORMS',
     'AllWidths',
+    'ChannelUseCounter',
+    'RandomWidths',
     'Sandwich',
     'SlimModelEma',
     'Trainer',

@@ -26,6 +26,7 @@ from ..control import calibrate_bn, set_width, unwrap, use_width
 from ..layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
 from ..state import slim_layers
 from ..width import Width
+from .gradnorm import GRAD_NORMS, ChannelUseCounter
 
 __all__ = [
     'BN_STATS',
@@ -68,6 +69,7 @@ def train_step(
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         accelerator: Any = None,
         distill: bool = False,
+        grad_norm: str = 'none',
 ) -> Dict[Width, float]:
     """Forward and backward every width on every micro-batch; gradients accumulate, nothing steps.
 
@@ -75,13 +77,27 @@ def train_step(
     ``distill``, the other widths learn from its detached soft predictions; without it every
     width learns from the labels. Each width's loss counts once (they add up, as in the papers),
     micro-batches are averaged. Under DDP (``accelerator`` wrapping ``model``) only the very last
-    backward synchronises gradients.
+    backward synchronises gradients. With ``grad_norm='per-channel'`` each output channel's
+    accumulated gradient is then divided by the number of widths that used it
+    (:mod:`timm_slim.train.gradnorm`).
 
     Returns:
         The mean loss of each width over the micro-batches.
     """
     if not batches or not widths:
         raise ValueError('train_step needs at least one batch and one width')
+    if grad_norm not in GRAD_NORMS:
+        raise ValueError(f'grad_norm must be one of {list(GRAD_NORMS)}, got {grad_norm!r}')
+    counter = ChannelUseCounter(model) if grad_norm == 'per-channel' else None
+    with counter if counter is not None else contextlib.nullcontext():
+        losses = _forward_backward(model, batches, widths, criterion, accelerator, distill, counter)
+    if counter is not None:
+        counter.normalise(passes_per_width=len(batches))
+    set_width(model, widths[0])
+    return losses
+
+
+def _forward_backward(model, batches, widths, criterion, accelerator, distill, counter) -> Dict[Width, float]:
     losses: Dict[Width, float] = {}
     no_sync = accelerator.no_sync if accelerator is not None else (lambda _m: contextlib.nullcontext())
     last = (len(batches) - 1, len(widths) - 1)
@@ -99,8 +115,9 @@ def train_step(
                 if i == 0 and distill:
                     teacher = logits.detach()
                 _backward(loss / len(batches), accelerator)
+            if counter is not None:
+                counter.end_pass()
             losses[width] = losses.get(width, 0.0) + loss.item() / len(batches)
-    set_width(model, widths[0])
     return losses
 
 
@@ -274,6 +291,7 @@ class Trainer:
         grad_accum_steps: micro-batches per optimizer step.
         clip_grad: max gradient norm (``None``: no clipping).
         step: optimizer steps already taken (when resuming).
+        grad_norm: ``'none'`` or ``'per-channel'`` (see :func:`train_step`).
     """
 
     def __init__(
@@ -289,6 +307,7 @@ class Trainer:
             grad_accum_steps: int = 1,
             clip_grad: Optional[float] = None,
             step: int = 0,
+            grad_norm: str = 'none',
     ) -> None:
         if grad_accum_steps < 1:
             raise ValueError(f'grad_accum_steps must be a positive integer, got {grad_accum_steps!r}')
@@ -296,7 +315,7 @@ class Trainer:
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.accelerator, self.scheduler, self.ema = accelerator, scheduler, ema
         self.distill, self.grad_accum_steps, self.clip_grad = distill, grad_accum_steps, clip_grad
-        self.step = step
+        self.step, self.grad_norm = step, grad_norm
 
     def steps_per_epoch(self, num_batches: int) -> int:
         return math.ceil(num_batches / self.grad_accum_steps)
@@ -305,7 +324,8 @@ class Trainer:
         """One optimizer step on ``batches`` (micro-batches); returns each width's loss."""
         self.model.train()
         widths = self.sampler(self.step)
-        losses = train_step(self.model, batches, widths, self.criterion, self.accelerator, self.distill)
+        losses = train_step(self.model, batches, widths, self.criterion, self.accelerator, self.distill,
+                            self.grad_norm)
         self.step = optimizer_update(self.optimizer, self.model.parameters(), self.step, self.clip_grad,
                                      self.accelerator, self.scheduler)
         if self.ema is not None:

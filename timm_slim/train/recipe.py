@@ -80,6 +80,23 @@ def _run_description(args: argparse.Namespace, data: Data) -> Dict[str, Any]:
             'epochs': args.epochs, 'sample': getattr(args, 'sample', SAMPLES[0])}
 
 
+RUNNING_STATS = 'running_stats.safetensors'
+"""The BatchNorm running averages as training left them, written before the final calibration
+overwrites them (exact statistics replace the full width's): the no-calibration baseline of the
+calibration ablation (docs: Ablations)."""
+
+
+def save_running_stats(net: nn.Module, path: str) -> None:
+    """Save every BatchNorm's ``running_mean``/``running_var`` (private ones too) to ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {name: buffer.detach().contiguous().cpu() for name, buffer in net.named_buffers()
+               if name.endswith(('.running_mean', '.running_var'))}
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    save_file(tensors, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Train, evaluate, report and save; returns what ``results.json`` holds."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -120,7 +137,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ema = SlimModelEma(model, decay=args.model_ema_decay)
         accelerator.register_for_checkpointing(ema)
     sampler = make_sampler(model, n=getattr(args, 'num_widths', 4), seed=args.seed,
-                           sample=getattr(args, 'sample', SAMPLES[0]))
+                           sample=getattr(args, 'sample', SAMPLES[0]), sandwich=getattr(args, 'sandwich', True))
     description = _run_description(args, data)
 
     start_epoch, step, history = 0, 0, []
@@ -131,7 +148,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     trainer = Trainer(model, optimizer, sampler, criterion=LabelSmoothingCrossEntropy(args.smoothing)
                       if args.smoothing else nn.CrossEntropyLoss(), accelerator=accelerator, scheduler=scheduler,
                       ema=ema, distill=args.inplace_distill, grad_accum_steps=args.grad_accum_steps,
-                      clip_grad=args.clip_grad, step=step)
+                      clip_grad=args.clip_grad, step=step, grad_norm=args.grad_norm)
     if accelerator.is_main_process:
         write_run_config(args)
     accelerator.init_trackers(args.method, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -147,6 +164,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         metrics = trainer.train_epoch(train_loader, epoch, progress=not args.no_progress)
         scheduler.step(epoch + 1)
         last = epoch == args.epochs - 1
+        if last and accelerator.is_main_process:
+            save_running_stats(net, os.path.join(args.output, RUNNING_STATS))
         if last or (epoch + 1) % args.eval_interval == 0:
             prepare_statistics(net, args.eval_widths, _stats_mode(args, final=last), data.calib, args.calib_images)
             rows = evaluate(net, val_loader, args.eval_widths, accelerator)

@@ -31,6 +31,7 @@ from ..layers import SWITCHABLE, UNIVERSAL
 from ..width import WidthSpace
 from .checkpoint import find_checkpoint
 from .engine import BN_STATS
+from .gradnorm import GRAD_NORMS
 from .initial import WEIGHT_IMPORTANCES, check_initial_args, start_from_trained
 from .sampling import SAMPLES, Sandwich
 
@@ -95,6 +96,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                            help='the N-2 random widths: one width for the whole network (uniform), or one width '
                                 'per stage (per-stage: trains the configurations a per-stage search picks; the '
                                 'largest and the smallest stay uniform)')
+        model.add_argument('--sandwich', action=argparse.BooleanOptionalAction, default=True,
+                           help='the sandwich rule (largest + smallest + N-2 random); --no-sandwich draws N random '
+                                'widths with no fixed ends (the US-Net paper\'s ablation, docs: Ablations)')
     model.add_argument('--inplace-distill', action=argparse.BooleanOptionalAction,
                        help='the largest width learns from labels, the others from its soft predictions')
     model.add_argument('--eval-widths', type=float, nargs='+',
@@ -123,6 +127,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     optim.add_argument('--weight-decay', type=float, default=5e-5,
                        help='not applied to BN, biases and depthwise kernels')
     optim.add_argument('--clip-grad', type=float, help='max gradient norm')
+    optim.add_argument('--grad-norm', choices=GRAD_NORMS, default=GRAD_NORMS[0],
+                       help='per-channel: divide each output channel\'s gradient by the number of widths of the '
+                            'step that used it (leading channels get one gradient per width, trailing ones only '
+                            'the widest\'s); none: the papers\' plain sum')
     optim.add_argument('--sched', default='cosine', help='timm scheduler name')
     optim.add_argument('--warmup-epochs', type=float, default=1)
     optim.add_argument('--warmup-lr', type=float, default=1e-4)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..control import unwrap
 from ..width import Width, WidthSpace
 
-__all__ = ['SAMPLES', 'AllWidths', 'Sandwich', 'make_sampler']
+__all__ = ['SAMPLES', 'AllWidths', 'RandomWidths', 'Sandwich', 'make_sampler']
 
 # How the sandwich rule draws its middle widths: one width for the whole network, or one per stage.
 SAMPLES = ('uniform', 'per-stage')
@@ -83,9 +83,33 @@ class Sandwich:
         return f'Sandwich(low={self.low:g}, high={self.high:g}, n={self.n}, seed={self.seed}{stages})'
 
 
-def make_sampler(model: nn.Module, n: int = 4, seed: int = 0, sample: str = 'uniform'):
+class RandomWidths:
+    """The sandwich rule's ablation: ``n`` widths drawn uniformly from ``[low, high]``, without
+    the fixed largest and smallest, in decreasing order (the widest drawn is the teacher when
+    inplace distillation is on).
+
+    US-Net (Yu & Huang, 2019) compares its sandwich rule against exactly this; it is here so the
+    comparison can be rerun (``benchmarks/ablations.py``), not as a recommended way to train.
+    """
+
+    def __init__(self, low: float, high: float, n: int = 4, seed: int = 0) -> None:
+        space = WidthSpace.from_args(width_range=(low, high))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f'random width sampling needs n >= 1 widths per step, got {n!r}')
+        self.low, self.high, self.n, self.seed = space.low, space.high, n, seed
+
+    def __call__(self, step: int) -> List[Width]:
+        rng = random.Random(f'{self.seed}:{step}')
+        return sorted((round(rng.uniform(self.low, self.high), 6) for _ in range(self.n)), reverse=True)
+
+    def __repr__(self) -> str:
+        return f'RandomWidths(low={self.low:g}, high={self.high:g}, n={self.n}, seed={self.seed})'
+
+
+def make_sampler(model: nn.Module, n: int = 4, seed: int = 0, sample: str = 'uniform', sandwich: bool = True):
     """The sampler a supernet's width space calls for: ``AllWidths`` for a list, ``Sandwich`` for a
-    range (its middle widths uniform or, with ``sample='per-stage'``, one width per stage)."""
+    range (its middle widths uniform or, with ``sample='per-stage'``, one width per stage), or with
+    ``sandwich=False`` the ablation ``RandomWidths`` (n uniform widths, no fixed ends)."""
     if sample not in SAMPLES:
         raise ValueError(f'sample must be one of {list(SAMPLES)}, got {sample!r}')
     state = unwrap(model).slim
@@ -95,4 +119,8 @@ def make_sampler(model: nn.Module, n: int = 4, seed: int = 0, sample: str = 'uni
             raise ValueError(f'sample={sample!r} needs a US-Net (a width range); this S-Net trains its fixed list '
                              f'{list(space.choices)}, every width at every step; use sample=\'uniform\'')
         return AllWidths(space.choices)
+    if not sandwich:
+        if sample != SAMPLES[0]:
+            raise ValueError(f'sandwich=False draws uniform widths only; got sample={sample!r}')
+        return RandomWidths(space.low, space.high, n=n, seed=seed)
     return Sandwich(space.low, space.high, n=n, seed=seed, stages=None if sample == SAMPLES[0] else state.num_stages)

@@ -132,6 +132,8 @@ class _Moments:
 class SlimBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` / timm ``BatchNormAct2d`` that normalises a leading slice of channels."""
 
+    __jit_ignored_attributes__ = ['_snapshots']   # eager inference's copies; TorchScript has its own (_script_stats)
+
     @classmethod
     def convert(cls, bn: nn.BatchNorm2d, kind: str) -> SlimBatchNorm2d:
         """Turn ``bn`` into a slim layer in place: same parameters, same state-dict keys."""

@@ -27,6 +27,7 @@ from ..channels import UnsupportedModelError
 from ..convert import is_resnet_like
 from ..features import is_feature_model
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from ..layers.cache import SliceCache
 from ..state import slim_layers, unwrap
 from . import backbone
 from .routing import install_forward
@@ -51,36 +52,25 @@ class Gate(nn.Module):
     def __init__(self, channels: int, num_choices: int, hidden: int, se: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden)
+        # fc1 reads the route's leading input features: at inference a contiguous copy of its
+        # active columns (a linear on the strided slice costs ~30 us more at batch 1), one per
+        # route prefix, by the slim layers' slice cache (which reads the weight's full shape here)
+        self.fc1.full_out, self.fc1.full_in = hidden, channels
+        self._fc1_slices = SliceCache(capacity=num_choices ** 2)
         self.fc2 = nn.Linear(hidden, num_choices)
         self.se = nn.Linear(hidden, channels) if se else None
         if self.se is not None:
             nn.init.zeros_(self.se.weight)
             nn.init.zeros_(self.se.bias)
 
-    def _fc1_weight(self, channels: int) -> torch.Tensor:
-        """``fc1.weight[:, :channels]``; at inference a contiguous copy, kept while the weight is
-        unchanged: a linear on the non-contiguous slice costs about 30 us more at batch 1,
-        a tenth of a small route's routing overhead."""
-        weight = self.fc1._parameters['weight']
-        if channels == weight.shape[1]:
-            return weight
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return weight[:, :channels]
-        key = (weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
-        slices = self.__dict__.setdefault('_fc1_slices', {})   # channels -> (key, copy): one per route prefix
-        cached = slices.get(channels)
-        if cached is None or cached[0] != key:
-            cached = slices[channels] = (key, weight[:, :channels].detach().clone())
-        return cached[1]
-
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop('_fc1_slices', None)   # .to(): new storage, perhaps at a freed copy's address
+        self._fc1_slices.clear()   # .to(): new storage, perhaps at a freed copy's address
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, decide: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """(logits or None, the stage input, scaled by the SE head when there is one)."""
         channels = x.shape[1]
-        hidden = F.relu(F.linear(x.mean((2, 3)), self._fc1_weight(channels), self.fc1._parameters['bias']))
+        hidden = F.relu(F.linear(x.mean((2, 3)), *self._fc1_slices.get(self.fc1, self.fc1.full_out, channels)))
         fc2 = self.fc2._parameters
         logits = F.linear(hidden, fc2['weight'], fc2['bias']) if decide else None
         if self.se is not None:

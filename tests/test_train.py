@@ -105,6 +105,8 @@ def test_make_sampler_per_stage_follows_the_model_and_refuses_an_snet():
         make_sampler(us, sample='stages')
     with pytest.raises(ValueError, match=r'needs a US-Net.*fixed list \[0.35, 0.5, 0.75, 1.0\]'):
         make_sampler(_supernet('snet'), sample='per-stage')
+    with pytest.raises(ValueError, match=r'sandwich=False .*needs a US-Net.*fixed list \[0.35, 0.5, 0.75, 1.0\]'):
+        make_sampler(_supernet('snet'), sandwich=False)
 
 
 def test_sandwich_widths_are_pinned_by_seed_and_step():

@@ -118,6 +118,9 @@ def make_sampler(model: nn.Module, n: int = 4, seed: int = 0, sample: str = 'uni
         if sample != SAMPLES[0]:
             raise ValueError(f'sample={sample!r} needs a US-Net (a width range); this S-Net trains its fixed list '
                              f'{list(space.choices)}, every width at every step; use sample=\'uniform\'')
+        if not sandwich:
+            raise ValueError(f'sandwich=False (n random widths) needs a US-Net (a width range); this S-Net trains '
+                             f'its fixed list {list(space.choices)}, every width at every step')
         return AllWidths(space.choices)
     if not sandwich:
         if sample != SAMPLES[0]:

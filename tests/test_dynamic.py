@@ -714,6 +714,7 @@ def test_recipe_runs_both_stages_reports_and_saves(tmp_path, capsys):
     (['--num-widths', '2'], 'at least 3 widths per step'),
     (['--noise-anneal', '0'], '--noise-anneal must be in (0, 1]'),
     (['--sample', 'per-stage'], 'only --sample uniform applies'),
+    (['--distill-warmup-epochs', '2'], '--distill-warmup-epochs are US-Net/S-Net recipe options'),
 ])
 def test_recipe_bad_input_is_one_clear_error(argv, message, tmp_path, capsys):
     from timm_slim.dynamic.recipe import main

@@ -94,7 +94,7 @@ def build_dsnet_parser() -> argparse.ArgumentParser:
     group.add_argument('--skip-stage1', action='store_true', help='start Stage II from --resume\'s weights as they '
                        'are (a finished Stage I)')
     parser.set_defaults(method='dsnet', model=DEFAULT_MODEL, output='output/dsnet', model_ema=True,
-                        model_ema_decay=0.997)
+                        model_ema_decay=0.997, distill_warmup_epochs=0.0)
     return parser
 
 
@@ -108,9 +108,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.sample != 'uniform':
         raise ValueError(f'--sample {args.sample}: DS-Net routes whole stages by its gates and Stage I samples the '
                          f'routes the gates choose among; only --sample uniform applies')
-    if not args.sandwich or args.grad_norm != 'none':
-        raise ValueError('--no-sandwich and --grad-norm are US-Net/S-Net recipe options; DS-Net Stage I samples '
-                         'with In-place Ensemble Bootstrapping\'s own rule and sums the widths\' gradients')
+    if not args.sandwich or args.grad_norm != 'none' or args.distill_warmup_epochs:
+        raise ValueError('--no-sandwich, --grad-norm and --distill-warmup-epochs are US-Net/S-Net recipe options; '
+                         'DS-Net Stage I samples with In-place Ensemble Bootstrapping\'s own rule and targets, and '
+                         'sums the widths\' gradients')
     if args.num_widths < 3:
         raise ValueError(f'--num-widths: In-place Ensemble Bootstrapping needs at least 3 widths per step (the full '
                          f'width, random widths, the smallest route), got {args.num_widths}')

@@ -68,18 +68,20 @@ def train_step(
         widths: Sequence[Width],
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         accelerator: Any = None,
-        distill: bool = False,
+        distill: float = 0.0,
         grad_norm: str = 'none',
 ) -> Dict[Width, float]:
     """Forward and backward every width on every micro-batch; gradients accumulate, nothing steps.
 
-    The first width is the teacher: it learns from the labels (``criterion``) and, with
-    ``distill``, the other widths learn from its detached soft predictions; without it every
-    width learns from the labels. Each width's loss counts once (they add up, as in the papers),
-    micro-batches are averaged. Under DDP (``accelerator`` wrapping ``model``) only the very last
-    backward synchronises gradients. With ``grad_norm='per-channel'`` each output channel's
-    accumulated gradient is then divided by the number of widths that used it
-    (:mod:`timm_slim.train.gradnorm`).
+    The first width is the teacher: it learns from the labels (``criterion``). ``distill`` is the
+    weight of its detached soft predictions in the other widths' loss: 1 (or ``True``) is US-Net's
+    inplace distillation (they learn from the teacher alone), 0 (or ``False``) trains every width
+    from the labels, and between the two their loss is ``distill * distillation + (1 - distill) *
+    criterion`` (the recipes' warm-up, see :class:`Trainer`). Each width's loss counts once (they
+    add up, as in the papers), micro-batches are averaged. Under DDP (``accelerator`` wrapping
+    ``model``) only the very last backward synchronises gradients. With ``grad_norm='per-channel'``
+    each output channel's accumulated gradient is then divided by the number of widths that used
+    it (:mod:`timm_slim.train.gradnorm`).
 
     Returns:
         The mean loss of each width over the micro-batches.
@@ -88,6 +90,8 @@ def train_step(
         raise ValueError('train_step needs at least one batch and one width')
     if grad_norm not in GRAD_NORMS:
         raise ValueError(f'grad_norm must be one of {list(GRAD_NORMS)}, got {grad_norm!r}')
+    if not 0 <= distill <= 1:
+        raise ValueError(f'distill must be a weight in [0, 1] (or a bool), got {distill!r}')
     counter = ChannelUseCounter(model) if grad_norm == 'per-channel' else None
     with counter if counter is not None else contextlib.nullcontext():
         losses = _forward_backward(model, batches, widths, criterion, accelerator, distill, counter)
@@ -110,9 +114,12 @@ def _forward_backward(model, batches, widths, criterion, accelerator, distill, c
                 logits = model(images)
                 if i == 0 or not distill:
                     loss = criterion(logits, targets)
-                else:
+                elif distill == 1:
                     loss = inplace_distillation_loss(logits, teacher)
-                if i == 0 and distill:
+                else:
+                    loss = (distill * inplace_distillation_loss(logits, teacher)
+                            + (1 - distill) * criterion(logits, targets))
+                if i == 0:
                     teacher = logits.detach()
                 _backward(loss / len(batches), accelerator)
             if counter is not None:
@@ -288,6 +295,9 @@ class Trainer:
         scheduler: a timm scheduler, stepped per optimizer update (``step_update``).
         ema: an optional ``SlimModelEma``.
         distill: inplace distillation (the first width teaches the others).
+        distill_warmup_steps: with ``distill``, the teacher's weight in the other widths' loss
+            rises linearly from 0 (labels only) to 1 over these first optimizer steps, while the
+            teacher's predictions are still near uniform (docs: Training, "Fidelity").
         grad_accum_steps: micro-batches per optimizer step.
         clip_grad: max gradient norm (``None``: no clipping).
         step: optimizer steps already taken (when resuming).
@@ -304,6 +314,7 @@ class Trainer:
             scheduler: Any = None,
             ema: Optional[SlimModelEma] = None,
             distill: bool = False,
+            distill_warmup_steps: int = 0,
             grad_accum_steps: int = 1,
             clip_grad: Optional[float] = None,
             step: int = 0,
@@ -311,11 +322,20 @@ class Trainer:
     ) -> None:
         if grad_accum_steps < 1:
             raise ValueError(f'grad_accum_steps must be a positive integer, got {grad_accum_steps!r}')
+        if distill_warmup_steps < 0:
+            raise ValueError(f'distill_warmup_steps must be 0 or more, got {distill_warmup_steps!r}')
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.accelerator, self.scheduler, self.ema = accelerator, scheduler, ema
         self.distill, self.grad_accum_steps, self.clip_grad = distill, grad_accum_steps, clip_grad
-        self.step, self.grad_norm = step, grad_norm
+        self.step, self.grad_norm, self.distill_warmup_steps = step, grad_norm, distill_warmup_steps
+
+    @property
+    def distill_weight(self) -> float:
+        """The teacher's weight in the narrow widths' loss at the current step (see ``distill``)."""
+        if not self.distill:
+            return 0.0
+        return min(1.0, self.step / self.distill_warmup_steps) if self.distill_warmup_steps else 1.0
 
     def steps_per_epoch(self, num_batches: int) -> int:
         return math.ceil(num_batches / self.grad_accum_steps)
@@ -324,7 +344,7 @@ class Trainer:
         """One optimizer step on ``batches`` (micro-batches); returns each width's loss."""
         self.model.train()
         widths = self.sampler(self.step)
-        losses = train_step(self.model, batches, widths, self.criterion, self.accelerator, self.distill,
+        losses = train_step(self.model, batches, widths, self.criterion, self.accelerator, self.distill_weight,
                             self.grad_norm)
         self.step = optimizer_update(self.optimizer, self.model.parameters(), self.step, self.clip_grad,
                                      self.accelerator, self.scheduler)

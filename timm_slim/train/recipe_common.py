@@ -41,8 +41,10 @@ METHODS = {'snet': 'S-Net', 'usnet': 'US-Net'}
 # sampled width add up in one step (four by default); on the digits 0.02 beat 0.05 for a US-Net
 # by 2-5 points per width (docs/training.md has the measurements).
 _DEFAULTS = {
-    'snet': dict(widths=[0.35, 0.5, 0.75, 1.0], inplace_distill=False, bn=SWITCHABLE, output='output/snet'),
-    'usnet': dict(width_range=[0.35, 1.0], inplace_distill=True, bn=UNIVERSAL, output='output/usnet'),
+    'snet': dict(widths=[0.35, 0.5, 0.75, 1.0], inplace_distill=False, distill_warmup_epochs=0.0, bn=SWITCHABLE,
+                 output='output/snet'),
+    'usnet': dict(width_range=[0.35, 1.0], inplace_distill=True, distill_warmup_epochs=0.0, bn=UNIVERSAL,
+                  output='output/usnet'),
 }
 DEFAULT_MODEL = 'mobilenetv2_100_slim'
 DEFAULT_LR = 0.02
@@ -101,6 +103,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                                 'widths with no fixed ends (the US-Net paper\'s ablation, docs: Ablations)')
     model.add_argument('--inplace-distill', action=argparse.BooleanOptionalAction,
                        help='the largest width learns from labels, the others from its soft predictions')
+    model.add_argument('--distill-warmup-epochs', type=float, metavar='EPOCHS',
+                       help='with --inplace-distill: the teacher\'s weight in the other widths\' loss rises from 0 '
+                            '(labels) to 1 over these first epochs, while its predictions are near uniform')
     model.add_argument('--eval-widths', type=float, nargs='+',
                        help='widths to evaluate and report (default: the S-Net list, or LOW, 0.5, 0.75, HIGH)')
     model.add_argument('--bn-stats', default='auto', choices=['auto', *BN_STATS],
@@ -215,6 +220,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ('epochs', 'batch_size', 'grad_accum_steps', 'eval_interval', 'calib_images'):
         if getattr(args, flag) < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be a positive integer, got {getattr(args, flag)}')
+    if args.distill_warmup_epochs < 0:
+        raise ValueError(f'--distill-warmup-epochs must be 0 or more, got {args.distill_warmup_epochs}')
     for flag in ('train_subset', 'val_subset'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be a positive integer, got {getattr(args, flag)}')

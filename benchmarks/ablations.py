@@ -137,9 +137,15 @@ def needs(name: str, group: Group) -> List[Variant]:
 
 
 # -- runs ---------------------------------------------------------------------------------------
+# The recipes' schedule of the papers, from before issue 11 changed the defaults (3 warm-up epochs, the
+# distillation target ramped in over the run): the ablations measure the papers' rules as published.
+PAPER_SCHEDULE = ['--warmup-epochs', '1', '--distill-warmup-epochs', '0']
+
+
 def common_flags(args: argparse.Namespace) -> List[str]:
     flags = ['--model', f'{args.model}_slim', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
-             '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1']
+             '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1',
+             *PAPER_SCHEDULE]
     return flags + [a for a in args.recipe_args if a != '--']
 
 
@@ -166,12 +172,13 @@ def train(variant: Variant, args: argparse.Namespace, seed: int) -> dict:
             os.path.isdir(os.path.join(folder, 'checkpoints')) and os.listdir(os.path.join(folder, 'checkpoints')):
         argv = argv + ['--resume', folder]   # an interrupted run continues from its last epoch
     if variant.method == 'dsnet':
-        from timm_slim.dynamic.recipe import parse_args, run
-        parsed = parse_args(argv + ['--output', folder])
+        from timm_slim.dynamic.recipe import build_dsnet_parser, parse_args, run
+        parsed, parser = parse_args(argv + ['--output', folder]), build_dsnet_parser()
     else:
-        from timm_slim.train.recipe import parse_args, run
-        parsed = parse_args(variant.method, argv + ['--output', folder])
-    results = finished_run(parsed, (lambda _args: None) if args.no_train else run, reuse=not args.fresh)
+        from timm_slim.train.recipe import build_parser, parse_args, run
+        parsed, parser = parse_args(variant.method, argv + ['--output', folder]), build_parser(variant.method)
+    results = finished_run(parsed, (lambda _args: None) if args.no_train else run, reuse=not args.fresh,
+                           parser=parser)
     if results is None:
         return None
     rows = results['static'] if variant.method == 'dsnet' else results['widths']

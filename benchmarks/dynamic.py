@@ -38,13 +38,14 @@ import torch
 from accelerate import Accelerator
 
 import timm_slim
+from timm_slim.dynamic.recipe import build_dsnet_parser
 from timm_slim.dynamic.recipe import parse_args as recipe_args
 from timm_slim.dynamic.recipe import run as run_recipe
 from timm_slim.dynamic.report import static_width_for_macs
 from timm_slim.profile import Timing, profile, time_interleaved
 from timm_slim.train import evaluate
 from timm_slim.train.recipe import build_data, build_datasets
-from timm_slim.train.recipe_common import plain_args
+from timm_slim.train.recipe_common import changed_options
 from timm_slim.train.results import markdown_table, write_json
 from timm_slim.width import format_width
 
@@ -60,24 +61,17 @@ VERSION = 3   # of what evaluate_run caches per run
 STATIC = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 
 
-def _comparable(args: argparse.Namespace) -> Dict[str, Any]:
-    """A run's options as ``results.json`` records them, without those that do not change it."""
-    plain = json.loads(json.dumps(plain_args(args), default=str))
-    return {k: v for k, v in plain.items() if k not in ('resume', 'no_progress', 'log_with')}
-
-
 def train_runs(output: Path, seeds: Sequence[int], setting: Sequence[str]) -> List[Tuple[Path, List[str]]]:
     """One recipe run per seed in ``output/seed<k>``, reused when finished with the same options."""
     runs = []
     for seed in seeds:
         folder = output / f'seed{seed}'
         argv = [*setting, '--seed', str(seed), '--output', str(folder), '--no-progress', '--log-with', 'none']
-        wanted = _comparable(recipe_args(argv))
         done = folder / 'results.json'
         if done.exists():
-            recorded = {k: v for k, v in json.loads(done.read_text())['args'].items() if k in wanted}
-            if recorded != wanted:
-                differ = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+            differ = changed_options(json.loads(done.read_text())['args'], recipe_args(argv), build_dsnet_parser(),
+                                     ignore=('resume', 'no_progress', 'log_with'))
+            if differ:
                 raise SystemExit(f'{folder} holds a run with other options ({differ} differ): move it away or '
                                  f'pick another --output')
         else:

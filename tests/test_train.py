@@ -607,3 +607,22 @@ def test_resume_after_sigkill_continues_and_ends_like_an_uninterrupted_run(tmp_p
         assert (a['top1'], a['top5']) == (b['top1'], b['top5'])
         assert a['loss'] == pytest.approx(b['loss'], abs=1e-6)
     assert reference['param_checksums'][0] == pytest.approx(result['param_checksums'][0], rel=1e-9)
+
+
+def test_changed_options_treats_an_option_added_after_a_run_at_its_default_as_unchanged():
+    """The benchmarks read finished runs back when their options match; a run recorded before an
+    option existed still matches while that option is at its default, and not otherwise."""
+    from timm_slim.train.recipe import build_parser
+    from timm_slim.train.recipe_common import changed_options, plain_args
+
+    parser = build_parser('usnet')
+    args = parse_args('usnet', ['--epochs', '3'])
+    recorded = json.loads(json.dumps(plain_args(args)))
+    assert changed_options(recorded, args, parser) == []
+    older = {k: v for k, v in recorded.items() if k != 'distill_warmup_epochs'}   # before the option existed
+    assert changed_options(older, args, parser) == []
+    assert changed_options(older, parse_args('usnet', ['--epochs', '3', '--distill-warmup-epochs', '2']),
+                           parser) == ['distill_warmup_epochs']
+    assert changed_options(recorded, parse_args('usnet', ['--epochs', '4']), parser) == ['epochs']
+    assert changed_options({**recorded, 'resume': 'x'}, args, parser) == []
+    assert changed_options({**recorded, 'gone': 1}, args, parser) == ['gone']

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     trainer = Trainer(model, optimizer, sampler, criterion=LabelSmoothingCrossEntropy(args.smoothing)
                       if args.smoothing else nn.CrossEntropyLoss(), accelerator=accelerator, scheduler=scheduler,
                       ema=ema, distill=args.inplace_distill, grad_accum_steps=args.grad_accum_steps,
-                      distill_warmup_steps=round(args.distill_warmup_epochs * updates_per_epoch),
+                      distill_warmup_steps=round(updates_per_epoch * (
+                          args.epochs if args.distill_warmup_epochs is None else args.distill_warmup_epochs)),
                       clip_grad=args.clip_grad, step=step, grad_norm=args.grad_norm)
     if accelerator.is_main_process:
         write_run_config(args)

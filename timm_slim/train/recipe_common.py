@@ -15,6 +15,7 @@ both built from these pieces, so a flag, a data set or a tracker works the same 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
@@ -41,10 +42,8 @@ METHODS = {'snet': 'S-Net', 'usnet': 'US-Net'}
 # sampled width add up in one step (four by default); on the digits 0.02 beat 0.05 for a US-Net
 # by 2-5 points per width (docs/training.md has the measurements).
 _DEFAULTS = {
-    'snet': dict(widths=[0.35, 0.5, 0.75, 1.0], inplace_distill=False, distill_warmup_epochs=0.0, bn=SWITCHABLE,
-                 output='output/snet'),
-    'usnet': dict(width_range=[0.35, 1.0], inplace_distill=True, distill_warmup_epochs=0.0, bn=UNIVERSAL,
-                  output='output/usnet'),
+    'snet': dict(widths=[0.35, 0.5, 0.75, 1.0], inplace_distill=False, bn=SWITCHABLE, output='output/snet'),
+    'usnet': dict(width_range=[0.35, 1.0], inplace_distill=True, bn=UNIVERSAL, output='output/usnet'),
 }
 DEFAULT_MODEL = 'mobilenetv2_100_slim'
 DEFAULT_LR = 0.02
@@ -105,7 +104,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help='the largest width learns from labels, the others from its soft predictions')
     model.add_argument('--distill-warmup-epochs', type=float, metavar='EPOCHS',
                        help='with --inplace-distill: the teacher\'s weight in the other widths\' loss rises from 0 '
-                            '(labels) to 1 over these first epochs, while its predictions are near uniform')
+                            '(labels) to 1 over these first epochs (default: the whole run, --epochs; 0: the '
+                            'teacher alone from the first step, as in the US-Net paper)')
     model.add_argument('--eval-widths', type=float, nargs='+',
                        help='widths to evaluate and report (default: the S-Net list, or LOW, 0.5, 0.75, HIGH)')
     model.add_argument('--bn-stats', default='auto', choices=['auto', *BN_STATS],
@@ -137,7 +137,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                             'step that used it (leading channels get one gradient per width, trailing ones only '
                             'the widest\'s); none: the papers\' plain sum')
     optim.add_argument('--sched', default='cosine', help='timm scheduler name')
-    optim.add_argument('--warmup-epochs', type=float, default=1)
+    optim.add_argument('--warmup-epochs', type=float, default=3,
+                       help='linear learning-rate warm-up (every width\'s gradient adds into one step: docs: Training)')
     optim.add_argument('--warmup-lr', type=float, default=1e-4)
     optim.add_argument('--min-lr', type=float, default=0.0)
     optim.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
@@ -220,7 +221,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ('epochs', 'batch_size', 'grad_accum_steps', 'eval_interval', 'calib_images'):
         if getattr(args, flag) < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be a positive integer, got {getattr(args, flag)}')
-    if args.distill_warmup_epochs < 0:
+    if args.distill_warmup_epochs is not None and args.distill_warmup_epochs < 0:
         raise ValueError(f'--distill-warmup-epochs must be 0 or more, got {args.distill_warmup_epochs}')
     for flag in ('train_subset', 'val_subset'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -404,6 +405,24 @@ def checksums(tensors: Iterable[torch.Tensor], accelerator: Any) -> List[List[fl
 def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     """The parsed options as plain values (no derived objects), as ``config.yaml`` records them."""
     return {k: v for k, v in vars(args).items() if k not in ('space', 'config')}
+
+
+def changed_options(recorded: Dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    ignore: Iterable[str] = ('resume',)) -> List[str]:
+    """The options in which ``args`` differs from a finished run's (``results.json``'s ``args``).
+
+    An option the run does not record (added to the recipes after it ran) counts as unchanged when
+    ``args`` holds its ``parser`` default: a new option's default keeps the behaviour before it. So
+    the benchmarks keep reading back their finished runs when a recipe gains an option.
+    """
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    ignore = set(ignore)
+    wanted = plain(plain_args(args))
+    changed = [key for key, value in wanted.items() if key not in ignore and
+               (recorded[key] if key in recorded else plain(parser.get_default(key))) != value]
+    return sorted(changed + [key for key in recorded if key not in wanted and key not in ignore])
 
 
 def write_run_config(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import timm_slim
 from timm_slim.dynamic import calibrate_routes, masked_forward
@@ -189,6 +190,36 @@ def test_a_concatenation_takes_the_leading_channels_of_each_part():
         supernet.eval()(torch.randn(2, 3, 32, 32))   # the private BatchNorms of the S-Net fit
     timm_slim.set_width(supernet, 1.0)
     assert reader.in_index is None
+
+
+def test_the_depthwise_conv_and_batchnorm_after_a_concatenation_run_on_its_parts_channels():
+    """blocks.1.0's depthwise conv and BatchNorm read ghost1's concatenation (primary and cheap
+    halves of 24 + 24 channels): at 0.5 they compute with the filters and affine of channels
+    0..11 and 24..35, by hand, not with the leading 24 (a US-Net in training mode: batch statistics)."""
+    torch.manual_seed(0)
+    supernet = timm.create_model('ghostnet_100_slim', num_classes=10).train()
+    block = supernet.blocks[1][0]
+    with torch.no_grad():
+        block.bn_dw.weight.uniform_(0.5, 2.0)
+        block.bn_dw.bias.normal_()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+             for name, m in [('conv', block.conv_dw), ('bn', block.bn_dw)]]
+    timm_slim.set_width(supernet, 0.5)
+    try:
+        with torch.no_grad():
+            supernet(torch.randn(2, 3, 32, 32))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        timm_slim.set_width(supernet, 1.0)
+    parts = list(range(12)) + list(range(24, 36))
+    conv, bn = block.conv_dw, block.bn_dw
+    x, y = seen['conv']
+    assert x.shape[1] == 24
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight[parts], None, conv.stride, conv.padding, groups=24))
+    x, y = seen['bn']
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, bn.weight[parts], bn.bias[parts], True, 0.0, bn.eps))
 
 
 def test_ghostnet_has_no_ds_name_and_gates_are_refused_with_the_reason():

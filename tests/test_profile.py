@@ -266,6 +266,41 @@ def test_slice_cache_holds_one_width_and_follows_optimizer_steps():
     assert (in_place - exported).abs().max().item() < 1e-5
 
 
+def test_the_slice_cache_reuses_its_copy_until_the_bias_changes_and_training_slices_the_listed_channels():
+    """One slim conv, against F.conv2d on hand-picked weights: at inference a second call reuses
+    the cached copy (listed inputs, or listed outputs), an in-place change of the bias is seen;
+    under autograd the forward slices the listed channels with the bias, and gradients reach
+    exactly the weights it used."""
+    torch.manual_seed(0)
+    conv = SlimConv2d.convert(torch.nn.Conv2d(8, 6, 3, padding=1, bias=True))
+    conv.out_active, conv.in_active = 4, 5
+    x = torch.randn(2, 5, 6, 6)
+    for out_index, in_index in [(None, [0, 1, 2, 6, 7]), ([0, 2, 4, 5], None)]:
+        conv.out_index = None if out_index is None else torch.tensor(out_index)
+        conv.in_index = None if in_index is None else torch.tensor(in_index)
+        rows, columns = out_index or [0, 1, 2, 3], in_index or [0, 1, 2, 3, 4]
+
+        def reference(rows=rows, columns=columns):
+            return torch.nn.functional.conv2d(x, conv.weight[rows][:, columns], conv.bias[rows], padding=1)
+
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), reference())
+            cached = conv._cache._tensors
+            conv(x)
+            assert conv._cache._tensors[0] is cached[0] and conv._cache._tensors[1] is cached[1]
+            assert len(conv._cache._entries) == 1   # one width's copy, never more: this one
+            assert torch.equal(conv._cache._tensors[0], conv.weight[rows][:, columns])
+            conv.bias.add_(1.0)
+            torch.testing.assert_close(conv(x), reference())
+        conv.zero_grad()
+        y = conv(x)
+        torch.testing.assert_close(y, reference())
+        y.sum().backward()
+        used = torch.zeros(6, 8, dtype=torch.bool)
+        used[torch.tensor(rows)[:, None], torch.tensor(columns)] = True
+        assert (conv.weight.grad[~used] == 0).all() and (conv.weight.grad.abs().sum((2, 3))[used] > 0).all()
+
+
 def test_cached_slices_keep_the_weights_layout():
     """A channels_last model caches channels_last slices, 1x1 and depthwise kernels included,
     exactly as export(m, w).to(channels_last) lays out its weights (oneDNN picks its path by them)."""

@@ -77,6 +77,25 @@ def test_unknown_width_mode_names_the_registered_modes_and_the_numbers(usnet):
     assert timm_slim.get_width(usnet) == 1.0
 
 
+def test_unknown_width_lists_every_mode_and_configuration_or_says_there_are_none(usnet, monkeypatch):
+    from timm_slim import control
+
+    def message():
+        with pytest.raises(ValueError) as info:
+            timm_slim.set_width(usnet, 'dinamic')
+        return str(info.value)
+
+    start = "unknown width 'dinamic' (str): a width is a number or one number per stage, a number in [0.35, 1]; "
+    monkeypatch.setattr(control, '_WIDTH_MODES', {})
+    monkeypatch.setattr(usnet.slim, 'configs', {})
+    assert message() == start + 'named configurations of this supernet: none; named width modes: none registered'
+    monkeypatch.setattr(control, '_WIDTH_MODES', {'widest': lambda m: 'widest', 'dynamic': lambda m: 'dynamic'})
+    usnet.slim.name_configs({'tiny': 0.35, 'half': [0.5] * usnet.slim.num_stages})
+    assert message() == start + "named configurations of this supernet: 'half', 'tiny'; " \
+                                "named width modes: 'dynamic', 'widest'"
+    assert timm_slim.get_width(usnet) == 1.0
+
+
 def test_an_extension_adds_a_width_mode_through_the_core_hook(usnet, monkeypatch):
     from timm_slim import control
 
@@ -106,6 +125,38 @@ def test_snet_width_must_be_listed(snet):
     with pytest.raises(ValueError, match=r'not in this S-Net.*\[0.25, 0.5, 0.75, 1\]'):
         timm_slim.set_width(snet, 0.6)
     assert timm_slim.set_width(snet, 0.5 + 1e-9) == 0.5
+
+
+def test_snet_back_at_full_width_normalises_and_tracks_with_the_shared_batchnorm():
+    """After a narrow width, an S-Net at 1.0 is timm's model again: in eval its BatchNorms use the
+    shared statistics, and a training forward updates them as timm's does."""
+    torch.manual_seed(0)
+    base = timm.create_model('resnet18', num_classes=5)
+    twin = timm.create_model('resnet18', num_classes=5)
+    twin.load_state_dict(base.state_dict())
+    snet = timm_slim.slimmify(twin, widths=(0.5, 1.0))
+    timm_slim.set_width(snet, 0.5)
+    timm_slim.set_width(snet, 1.0)
+    x = torch.randn(2, 3, 32, 32)
+    base.train(), snet.train()
+    base(x), snet(x)
+    assert torch.equal(snet.bn1.running_mean, base.bn1.running_mean)
+    assert not torch.equal(snet.bn1.running_mean, torch.zeros(64))
+    base.eval(), snet.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(snet(x), base(x), rtol=0, atol=1e-5)
+
+
+def test_a_private_batchnorm_of_the_wrong_size_is_refused_naming_the_layer_and_the_sizes(snet):
+    private = snet.bn1.private['0_5']
+    snet.bn1.private['0_5'] = torch.nn.BatchNorm2d(7)
+    try:
+        with pytest.raises(ValueError) as info:
+            timm_slim.set_width(snet, 0.5)
+    finally:
+        snet.bn1.private['0_5'] = private
+        timm_slim.set_width(snet, 1.0)
+    assert str(info.value) == 'width 0.5 gives bn1 32 channels, but its private BN for stage width 0.5 has 7'
 
 
 @pytest.mark.parametrize('kwargs,message', [
@@ -188,3 +239,15 @@ def test_uncalibrated_width_names_the_call_and_the_calibrated_widths():
     with timm_slim.use_width(model, 0.5), pytest.raises(RuntimeError) as error:
         model(x)
     assert str(error.value) == expected.format(', 0.35, 0.75')
+
+
+def test_calibrated_widths_are_those_every_batchnorm_has_statistics_for(snet):
+    model = timm.create_model('resnet18_slim', num_classes=5, width_range=(0.25, 1.0))
+    assert timm_slim.control.calibrated_widths(model) == []
+    timm_slim.calibrate_bn(model, [torch.randn(4, 3, 32, 32)], widths=[0.75, 0.35])
+    assert timm_slim.control.calibrated_widths(model) == ['0_35', '0_75']
+    model.layer4[1].bn2.calib.discard('0_35')
+    assert timm_slim.control.calibrated_widths(model) == ['0_75']
+    assert timm_slim.control.calibrated_widths(snet) == []   # an S-Net's widths have private BatchNorms
+    with torch.device('meta'):   # GroupNorm only: no BatchNorm to calibrate
+        assert timm_slim.control.calibrated_widths(timm_slim.slimmify(timm.create_model('efficientnet_b0_gn'))) == []

@@ -13,8 +13,9 @@ schedule and learning rate for every model, it trains:
 
 * timm's natives mobilenetv2_035 / _050 / _075 / _100, each on its own (the S-Net recipe with a
   one-width list is exactly plain training of that timm model);
-* one US-Net supernet (mobilenetv2_100, widths [0.35, 1], sandwich rule n=4, inplace distillation
-  ramped in over the run, BN calibrated per width), and the same without inplace distillation;
+* one US-Net supernet (mobilenetv2_100, widths [0.35, 1], sandwich rule n=4, every width learning
+  from the labels, BN calibrated per width), and the same with inplace distillation (ramped in
+  over the run);
 * one S-Net supernet (widths 0.35 / 0.5 / 0.75 / 1.0, private BN per width, all widths every step);
 * a naive supernet: the S-Net's training with one shared BN and no calibration (every width is
   evaluated with the full width's running statistics, sliced), the baseline the papers start from;
@@ -46,11 +47,11 @@ WIDTHS = (0.35, 0.5, 0.75, 1.0)
 NATIVES = {0.35: 'mobilenetv2_035', 0.5: 'mobilenetv2_050', 0.75: 'mobilenetv2_075', 1.0: 'mobilenetv2_100'}
 SUPERNETS = {  # label: (recipe, extra arguments)
     'US-Net': ('usnet', ['--width-range', '0.35', '1.0']),
-    'US-Net-labels': ('usnet', ['--width-range', '0.35', '1.0', '--no-inplace-distill']),
+    'US-Net-distill': ('usnet', ['--width-range', '0.35', '1.0', '--inplace-distill']),
     'S-Net': ('snet', ['--widths', *map(str, WIDTHS)]),
     'naive': ('snet', ['--widths', *map(str, WIDTHS), '--bn', 'universal', '--bn-stats', 'full']),
 }
-LABELS = {'US-Net': 'US-Net (one supernet)', 'US-Net-labels': 'US-Net without inplace distillation',
+LABELS = {'US-Net': 'US-Net (one supernet)', 'US-Net-distill': 'US-Net with inplace distillation',
           'S-Net': 'S-Net (one supernet)', 'native': 'natives, each alone',
           'naive': 'naive supernet (shared BN, no calibration)'}
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')

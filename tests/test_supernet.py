@@ -231,12 +231,12 @@ def test_the_export_of_a_reflect_padded_conv_pads_by_reflection():
         torch.testing.assert_close(plain(x), expected)
 
 
-@pytest.mark.xfail(strict=True, reason='SlimConv2d.forward calls F.conv2d with zero padding whatever the '
-                                       "conv's padding_mode (no timm model here pads otherwise); found by mutmut")
 def test_a_slim_reflect_padded_conv_pads_by_reflection():
+    """(found by mutmut: the slim conv padded with zeros whatever its padding_mode), eager and scripted."""
     conv, x, expected = _reflect_padded()
     with torch.no_grad():
         torch.testing.assert_close(conv(x), expected)
+        torch.testing.assert_close(torch.jit.script(conv)(x), expected)
 
 
 def test_a_slim_std_conv_and_its_export_standardise_the_active_filters_over_the_active_inputs():

@@ -13,7 +13,7 @@ active inputs, in eager, FX and TorchScript alike.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx
@@ -42,6 +42,7 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
     def convert(cls, conv: nn.Conv2d) -> SlimConv2d:
         """Turn ``conv`` into a slim layer in place: same parameters, same state-dict keys."""
         conv._same_pad = type(conv).__name__ == 'Conv2dSame'
+        conv._pads_by_mode = conv.padding_mode != 'zeros'   # reflect / replicate / circular
         conv.trace_guard = None
         # timm's StdConv2d: every output filter standardised over the input channels it has now
         conv._std_eps = conv.eps if isinstance(conv, StdConv2d) else None
@@ -79,7 +80,7 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
             weight = _standardize(weight, out, self._std_eps)
         if self._same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        return self._conv(x, weight, bias, groups)
 
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
         """TorchScript's forward: the same slices, taken on every call (no cache)."""
@@ -95,6 +96,12 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
             weight = _standardize(weight, out, std_eps)
         if self._same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv(x, weight, bias, groups)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+        if self._pads_by_mode:   # as nn.Conv2d: pad by the mode first, then convolve without padding
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def __prepare_scriptable__(self) -> SlimConv2d:

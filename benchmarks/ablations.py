@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import finished_run  # noqa: E402
+from accuracy import PAPER_DISTILL, PAPER_SCHEDULE, finished_run  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -137,11 +137,6 @@ def needs(name: str, group: Group) -> List[Variant]:
 
 
 # -- runs ---------------------------------------------------------------------------------------
-# The recipes' schedule of the papers, from before issue 11 changed the defaults (3 warm-up epochs, the
-# distillation target ramped in over the run): the ablations measure the papers' rules as published.
-PAPER_SCHEDULE = ['--warmup-epochs', '1', '--distill-warmup-epochs', '0']
-
-
 def common_flags(args: argparse.Namespace) -> List[str]:
     flags = ['--model', f'{args.model}_slim', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
              '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none', '--checkpoint-hist', '1',
@@ -155,6 +150,8 @@ def variant_argv(variant: Variant, args: argparse.Namespace, seed: int) -> List[
     if variant.method == 'dsnet':   # Stage I is the ablation; Stage II as short as the recipe allows
         flags[1] = f'{args.model}_ds'
         flags += ['--target-macs', '0.45', '--gate-epochs', '1', '--route-calib-images', '128']
+    if variant.method == 'usnet':   # the paper's rule (a row's own flags may undo it)
+        flags += PAPER_DISTILL
     return flags + list(variant.flags) + ['--seed', str(seed)]
 
 

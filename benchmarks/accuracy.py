@@ -54,6 +54,11 @@ SUPERNETS = {  # label: (recipe, extra arguments)
 LABELS = {'US-Net': 'US-Net (one supernet)', 'US-Net-distill': 'US-Net with inplace distillation',
           'S-Net': 'S-Net (one supernet)', 'native': 'natives, each alone',
           'naive': 'naive supernet (shared BN, no calibration)'}
+# The recipes' schedule before issue 11 (one warm-up epoch; a US-Net's narrow widths learning from
+# the teacher alone from the first step): the benchmarks whose pages were measured under it pin it,
+# so that their commands still give their pages' numbers (docs: Training, "Fidelity").
+PAPER_SCHEDULE = ['--warmup-epochs', '1', '--distill-warmup-epochs', '0']
+PAPER_DISTILL = ['--inplace-distill']   # the US-Net paper's rule, the US-Net recipe's default until then
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 BEGIN, END = '<!-- accuracy:begin -->', '<!-- accuracy:end -->'
 

@@ -37,7 +37,7 @@ from typing import Dict, List, Sequence, Tuple
 import timm
 import torch
 from accelerate import Accelerator
-from accuracy import ROOT, add_run_flags, replace_block, train
+from accuracy import PAPER_DISTILL, PAPER_SCHEDULE, ROOT, add_run_flags, replace_block, train
 
 import timm_slim
 from timm_slim.train import evaluate, markdown_table, write_json
@@ -70,7 +70,7 @@ class Benchmark:
 
     def common(self, epochs: int, seed: int) -> List[str]:
         return ['--epochs', str(epochs), '--eval-interval', str(epochs), '--no-progress', '--log-with', 'none',
-                '--checkpoint-hist', '1', '--seed', str(seed), *self.extra]
+                '--checkpoint-hist', '1', '--seed', str(seed), *PAPER_SCHEDULE, *self.extra]
 
     def recipe(self, method: str, name: str, argv: List[str]) -> Dict[float, dict]:
         folder = os.path.join(self.args.output, name)
@@ -129,12 +129,12 @@ class Benchmark:
         name = f'finetune-{model}-{SORT if sort else "unsorted"}-{epochs}ep-seed{seed}'
         argv = self.common(epochs, seed) + ['--model', f'{model}_slim', '--initial-checkpoint', checkpoint,
                                             '--lr', str(self.args.finetune_lr), '--warmup-epochs', '0']
-        rows = self.recipe('usnet', name, argv + (['--sort-channels', SORT] if sort else []))
+        rows = self.recipe('usnet', name, argv + PAPER_DISTILL + (['--sort-channels', SORT] if sort else []))
         return {w: r['top1'] for w, r in rows.items()}
 
     def scratch(self, model: str, seed: int) -> Rows:
         rows = self.recipe('usnet', f'usnet-{model}-seed{seed}',
-                           self.common(self.args.epochs, seed) + ['--model', f'{model}_slim'])
+                           self.common(self.args.epochs, seed) + PAPER_DISTILL + ['--model', f'{model}_slim'])
         return {w: r['top1'] for w, r in rows.items()}
 
 

@@ -40,6 +40,7 @@ from timm_slim.train import evaluate
 from timm_slim.train.recipe import main as recipe_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy import PAPER_DISTILL, PAPER_SCHEDULE  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def train(model: str, seed: int, folder: str, epochs: int) -> None:
     resume = ['--resume', folder] if os.path.isdir(os.path.join(folder, 'checkpoints')) else []
     code = recipe_main('usnet', ['--model', model, '--sample', 'per-stage', '--train-split', 'fit', '--seed', str(seed),
                                 '--epochs', str(epochs), '--output', folder, '--no-progress', '--log-with', 'none',
-                                *resume])
+                                *PAPER_SCHEDULE, *PAPER_DISTILL, *resume])
     if code:
         raise SystemExit(f'training {model} seed {seed} failed')
 

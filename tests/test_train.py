@@ -508,6 +508,7 @@ def test_yaml_config_sets_defaults_and_the_command_line_wins(tmp_path):
     ('snet', ['--widths', '0.5', '1.2'], '--widths: widths entries must be numbers in (0, 1], got 1.2'),
     ('usnet', ['--eval-widths', '0.2'], '--eval-widths: width 0.2 is out of range; allowed: a number in [0.35, 1]'),
     ('usnet', ['--distill-warmup-epochs', '-1'], '--distill-warmup-epochs must be 0 or more, got -1.0'),
+    ('snet', ['--distill-warmup-epochs', '2'], '--distill-warmup-epochs 2 needs --inplace-distill'),
 ])
 def test_bad_input_is_one_clear_error(method, argv, message, capsys):
     assert main(method, argv) == 2
@@ -616,13 +617,17 @@ def test_changed_options_treats_an_option_added_after_a_run_at_its_default_as_un
     from timm_slim.train.recipe_common import changed_options, plain_args
 
     parser = build_parser('usnet')
-    args = parse_args('usnet', ['--epochs', '3'])
+    args = parse_args('usnet', ['--epochs', '3', '--inplace-distill'])
     recorded = json.loads(json.dumps(plain_args(args)))
     assert changed_options(recorded, args, parser) == []
     older = {k: v for k, v in recorded.items() if k != 'distill_warmup_epochs'}   # before the option existed
     assert changed_options(older, args, parser) == []
-    assert changed_options(older, parse_args('usnet', ['--epochs', '3', '--distill-warmup-epochs', '2']),
-                           parser) == ['distill_warmup_epochs']
-    assert changed_options(recorded, parse_args('usnet', ['--epochs', '4']), parser) == ['epochs']
+    assert changed_options(older, parse_args('usnet', ['--epochs', '3', '--inplace-distill', '--distill-warmup-epochs',
+                                                       '2']), parser) == ['distill_warmup_epochs']
+    assert changed_options(recorded, parse_args('usnet', ['--epochs', '4', '--inplace-distill']), parser) == ['epochs']
+    no_warmup = {k: v for k, v in recorded.items() if k != 'warmup_epochs'}   # an option whose default is not None
+    assert changed_options(no_warmup, args, parser) == []
+    assert changed_options(no_warmup, parse_args('usnet', ['--epochs', '3', '--inplace-distill', '--warmup-epochs',
+                                                           '1']), parser) == ['warmup_epochs']
     assert changed_options({**recorded, 'resume': 'x'}, args, parser) == []
     assert changed_options({**recorded, 'gone': 1}, args, parser) == ['gone']

@@ -227,6 +227,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--{flag.replace("_", "-")} must be a positive integer, got {getattr(args, flag)}')
     if args.distill_warmup_epochs is not None and args.distill_warmup_epochs < 0:
         raise ValueError(f'--distill-warmup-epochs must be 0 or more, got {args.distill_warmup_epochs}')
+    if args.distill_warmup_epochs and not args.inplace_distill:
+        raise ValueError(f'--distill-warmup-epochs {args.distill_warmup_epochs:g} needs --inplace-distill (without '
+                         f'it every width learns from the labels)')
     for flag in ('train_subset', 'val_subset'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be a positive integer, got {getattr(args, flag)}')

@@ -505,6 +505,8 @@ def test_recipe_starts_from_a_file_the_user_trained_and_sorts_it(tmp_path, capsy
 @pytest.mark.parametrize('argv, message', [
     (['--sort-channels'], '--sort-channels reorders trained channels: give --initial-checkpoint PATH or --pretrained'),
     (['--initial-checkpoint', '/no/such.safetensors'], '--initial-checkpoint /no/such.safetensors: no such file'),
+    (['--zero-init-last', '--pretrained'], '--zero-init-last initialises a model trained from scratch: it would zero '
+                                           'trained weights of --initial-checkpoint / --pretrained'),
 ])
 def test_recipe_bad_start_is_one_clear_error(argv, message, capsys):
     assert main('usnet', argv) == 2

@@ -631,3 +631,26 @@ def test_changed_options_treats_an_option_added_after_a_run_at_its_default_as_un
                                                            '1']), parser) == ['warmup_epochs']
     assert changed_options({**recorded, 'resume': 'x'}, args, parser) == []
     assert changed_options({**recorded, 'gone': 1}, args, parser) == ['gone']
+
+
+def test_zero_init_last_starts_every_residual_block_as_the_identity():
+    from timm_slim.train.recipe_common import build_model, check_args
+
+    def built(argv):
+        args = parse_args('usnet', argv)
+        check_args(args)
+        torch.manual_seed(0)
+        return build_model(args, 10)
+
+    model, plain = built(['--zero-init-last']), built([])
+    residual = [name for name, block in timm.create_model('mobilenetv2_100').named_modules()
+                if getattr(block, 'has_skip', False)]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert changed == {f'{name}.bn3.weight' for name in residual} and len(residual) == 10
+    blocks = dict(model.named_modules())
+    for name in residual:
+        block = blocks[name]
+        first = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d))
+        x = torch.randn(2, first.in_channels, 4, 4)
+        for mode in (True, False):
+            assert torch.equal(block.train(mode)(x), x), name

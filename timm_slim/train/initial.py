@@ -105,6 +105,9 @@ def check_initial_args(args: argparse.Namespace) -> None:
     """``--initial-checkpoint`` names a file; ``--sort-channels`` needs trained weights to sort."""
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise FileNotFoundError(f'--initial-checkpoint {args.initial_checkpoint}: no such file')
+    if getattr(args, 'zero_init_last', False) and (args.initial_checkpoint or args.pretrained):
+        raise ValueError('--zero-init-last initialises a model trained from scratch: it would zero trained weights '
+                         'of --initial-checkpoint / --pretrained; leave one of them out')
     if args.sort_channels and not (args.initial_checkpoint or args.pretrained):
         raise ValueError('--sort-channels reorders trained channels: give --initial-checkpoint PATH or --pretrained '
                          '(a randomly initialised model has no important channels to put first)')

@@ -120,6 +120,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     model.add_argument('--head-init-scale', type=float, default=0.0,
                        help='multiply the classifier\'s initial weights (0: start from zero logits; timm\'s '
                             'MobileNet init is sized for 1000 classes and gives huge first gradients at 10)')
+    model.add_argument('--zero-init-last', action=argparse.BooleanOptionalAction, default=False,
+                       help='start every MobileNet/EfficientNet residual block as the identity (its last norm\'s '
+                            'weight at zero; from scratch only)')
     model.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     model.add_argument('--drop-path', type=float, help='drop path rate')
     model.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
@@ -386,8 +389,26 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         with torch.no_grad():
             for param in model.get_classifier().parameters():
                 param.mul_(args.head_init_scale)
+    if args.zero_init_last:
+        zero_init_last(model)
     start_from_trained(model, args.initial_checkpoint, args.sort_channels)
     return model
+
+
+def zero_init_last(model: nn.Module) -> int:
+    """Zero the weight of the last norm layer in every residual block that has a skip (timm's
+    ``has_skip``: MobileNet and EfficientNet-family blocks), so each block starts as the identity
+    (BigNAS's initialisation for supernets; timm's ResNets already start so). Returns the count."""
+    count = 0
+    for block in model.modules():
+        if not getattr(block, 'has_skip', False):
+            continue
+        norms = [m for m in block.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.affine]
+        if norms:
+            with torch.no_grad():
+                norms[-1].weight.zero_()
+            count += 1
+    return count
 
 
 def trackers(log_with: str) -> Optional[List[str]]:

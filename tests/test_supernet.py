@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, StdConv2d
 
 import timm_slim
-from timm_slim.layers import SLIM_LAYERS, SlimConv2d, SlimLinear
+from timm_slim.layers import SLIM_LAYERS, SlimBlurPool2d, SlimConv2d, SlimGroupNorm, SlimLinear
 
 FAMILY_MODELS = [
     'resnet18',
@@ -298,3 +298,39 @@ def test_a_freshly_converted_layer_computes_what_it_did():
         with torch.no_grad():
             expected = layer(x)
             torch.testing.assert_close(cls.convert(layer)(x), expected, rtol=0, atol=0)
+
+
+def test_a_slim_group_norm_and_its_export_normalise_whole_groups_with_their_affine_and_eps():
+    """A plain nn.GroupNorm (no act/drop of timm's GroupNormAct), a trained affine and eps 1e-3,
+    against F.group_norm on the leading groups: freshly converted (full width), then 2 of 4 groups."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    norm.bias.requires_grad_(False)                    # a frozen bias exports frozen
+    x = torch.randn(2, 16, 3, 3)
+    weight, bias = norm.weight.detach().clone(), norm.bias.clone()
+    SlimGroupNorm.convert(norm)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), F.group_norm(x, 4, weight, bias, 1e-3))
+        norm.active_channels = 8
+        expected = F.group_norm(x[:, :8], 2, weight[:8], bias[:8], 1e-3)
+        torch.testing.assert_close(norm(x[:, :8]), expected)
+        plain = norm.twin()
+        assert type(plain) is nn.GroupNorm and (plain.num_groups, plain.num_channels) == (2, 8)
+        assert list(plain.children()) == [] and plain.weight.requires_grad and not plain.bias.requires_grad
+        torch.testing.assert_close(plain(x[:, :8]), expected)
+
+
+def test_the_export_of_a_blur_pool_owns_its_filter():
+    """The plain BlurPool2d of an export is a copy: moving it leaves the supernet's layer as it was."""
+    from timm.layers import BlurPool2d
+
+    blur = SlimBlurPool2d.convert(BlurPool2d(8))
+    plain = blur.twin()
+    assert type(plain) is BlurPool2d
+    plain.to(torch.float64)
+    assert blur.filt.dtype == torch.float32 and plain.filt.dtype == torch.float64
+    x = torch.randn(1, 5, 6, 6)
+    torch.testing.assert_close(blur(x), plain(x.double()).float())

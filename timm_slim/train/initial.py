@@ -102,10 +102,11 @@ def _classifier_keys(model: nn.Module) -> List[str]:
 
 
 def check_initial_args(args: argparse.Namespace) -> None:
-    """``--initial-checkpoint`` names a file; ``--sort-channels`` needs trained weights to sort."""
+    """``--initial-checkpoint`` names a file; ``--sort-channels`` needs trained weights to sort;
+    ``--zero-init-last`` needs none."""
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise FileNotFoundError(f'--initial-checkpoint {args.initial_checkpoint}: no such file')
-    if getattr(args, 'zero_init_last', False) and (args.initial_checkpoint or args.pretrained):
+    if args.zero_init_last and (args.initial_checkpoint or args.pretrained):
         raise ValueError('--zero-init-last initialises a model trained from scratch: it would zero trained weights '
                          'of --initial-checkpoint / --pretrained; leave one of them out')
     if args.sort_channels and not (args.initial_checkpoint or args.pretrained):

@@ -395,11 +395,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
-def zero_init_last(model: nn.Module) -> int:
+def zero_init_last(model: nn.Module) -> None:
     """Zero the weight of the last norm layer in every residual block that has a skip (timm's
     ``has_skip``: MobileNet and EfficientNet-family blocks), so each block starts as the identity
-    (BigNAS's initialisation for supernets; timm's ResNets already start so). Returns the count."""
-    count = 0
+    (BigNAS's initialisation for supernets; timm's ResNets already start so)."""
     for block in model.modules():
         if not getattr(block, 'has_skip', False):
             continue
@@ -407,8 +406,6 @@ def zero_init_last(model: nn.Module) -> int:
         if norms:
             with torch.no_grad():
                 norms[-1].weight.zero_()
-            count += 1
-    return count
 
 
 def trackers(log_with: str) -> Optional[List[str]]:

@@ -34,7 +34,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -60,7 +60,6 @@ LABELS = {'US-Net': 'US-Net (one supernet)', 'US-Net-distill': 'US-Net with inpl
 PAPER_SCHEDULE = ['--warmup-epochs', '1', '--distill-warmup-epochs', '0']
 PAPER_DISTILL = ['--inplace-distill']   # the US-Net paper's rule, the US-Net recipe's default until then
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-BEGIN, END = '<!-- accuracy:begin -->', '<!-- accuracy:end -->'
 
 
 def train(method: str, argv: List[str], reuse: bool) -> Tuple[Dict[float, dict], float]:
@@ -71,15 +70,15 @@ def train(method: str, argv: List[str], reuse: bool) -> Tuple[Dict[float, dict],
 
 
 def finished_run(args: argparse.Namespace, runner: Callable[[argparse.Namespace], dict], reuse: bool,
-                 parser: argparse.ArgumentParser) -> dict:
+                 parser: argparse.ArgumentParser, ignore: Sequence[str] = ('resume',)) -> dict:
     """``runner(args)``'s results, or with ``reuse`` those a finished run with the same arguments
-    left in ``args.output`` (so an interrupted benchmark continues where it stopped); ``parser``
-    gives the defaults of options added after that run (``changed_options``)."""
+    (but those in ``ignore``) left in ``args.output`` (so an interrupted benchmark continues where
+    it stopped); ``parser`` gives the defaults of options added after that run (``changed_options``)."""
     done = os.path.join(args.output, 'results.json')
     if reuse and os.path.exists(done):
         with open(done) as handle:
             results = json.load(handle)
-        if not changed_options(results['args'], args, parser):
+        if not changed_options(results['args'], args, parser, ignore):
             return results
     return runner(args)
 
@@ -136,9 +135,11 @@ def replace_block(path: str, begin: str, end: str, text: str) -> None:
         handle.write(page)
 
 
-def write_docs(text: str, plot_source: str) -> None:
-    replace_block(os.path.join(ROOT, 'docs', 'training.md'), BEGIN, END, text)
-    os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', 'accuracy_benchmark.png'))
+def write_docs(text: str, plot_source: str, block: str) -> None:
+    """Rewrite the ``<!-- block:begin -->`` block of docs/training.md and its plot."""
+    replace_block(os.path.join(ROOT, 'docs', 'training.md'), f'<!-- {block}:begin -->', f'<!-- {block}:end -->',
+                  text)
+    os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', f'{block}_benchmark.png'))
 
 
 def main(argv=None) -> int:
@@ -146,13 +147,14 @@ def main(argv=None) -> int:
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--seeds', type=int, nargs='+', default=[42, 0, 1], help='42 is the recipes\' own seed')
     parser.add_argument('--lr', type=float, default=None, help='for every model (default: the recipes\')')
+    parser.add_argument('--block', default='accuracy', help='with --write-docs: the docs/training.md block '
+                        '(<!-- BLOCK:begin -->) and plot (img/BLOCK_benchmark.png) to rewrite')
     add_run_flags(parser, 'output/accuracy_benchmark', 'docs/training.md')
     args = parser.parse_args(argv)
     extra = [a for a in args.recipe_args if a != '--']
+    changed = [*extra, *(['--lr', str(args.lr)] if args.lr is not None else [])]   # beyond the recipes' defaults
     common = ['--epochs', str(args.epochs), '--eval-interval', str(args.epochs), '--no-progress', '--log-with', 'none',
-              '--checkpoint-hist', '1', *extra]
-    if args.lr is not None:
-        common += ['--lr', str(args.lr)]
+              '--checkpoint-hist', '1', *changed]
     started = time.perf_counter()
     runs: Dict[str, List[Dict[float, dict]]] = {'native': []}
     seconds: List[float] = []  # wall time of every run (also of runs read back)
@@ -174,11 +176,12 @@ def main(argv=None) -> int:
         print(f'seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min', flush=True)
     summary = summarise(runs)
     minutes = sum(seconds) / 60
+    flags_note = f'`{" ".join(changed)}` for every run, ' if changed else ''
     text = (f'{table(summary)}\n\nTop-1 (%) on the 360 digits test images, mean ± spread (population standard '
             f'deviation) over seeds {", ".join(map(str, args.seeds))}; {args.epochs} epochs each, batch 64, '
-            f'the recipes\' defaults otherwise. {minutes:.0f} minutes of training on {os.cpu_count()} CPU cores '
-            f'({platform.processor() or platform.machine()}, torch {torch.__version__}).\n\n'
-            f'![accuracy against MACs](img/accuracy_benchmark.png)')
+            f'{flags_note}the recipes\' defaults otherwise. {minutes:.0f} minutes of training on '
+            f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}, torch {torch.__version__}).\n\n'
+            f'![accuracy against MACs](img/{args.block}_benchmark.png)')
     write_json({'summary': summary, 'args': vars(args), 'minutes': minutes},
                os.path.join(args.output, 'benchmark.json'))
     plot = os.path.join(args.output, 'accuracy_benchmark.png')
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
                 title=f'mobilenetv2 on digits: mean top-1 (%), {len(args.seeds)} seed(s), {args.epochs} epochs')
     print(text)
     if args.write_docs:
-        write_docs(text, plot)
+        write_docs(text, plot, args.block)
     return 0
 
 

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import timm_slim
 from timm_slim.layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
@@ -320,3 +321,91 @@ def test_calibration_edge_cases_two_values_and_a_layer_that_saw_nothing():
     mean, var = bn.calib.get('0_5')
     torch.testing.assert_close(mean, torch.tensor([2.5, 2.25, 0.0]))
     torch.testing.assert_close(var, torch.tensor([4.5, 0.125, 2.0]))   # unbiased: divided by 2 - 1
+
+
+@pytest.mark.parametrize('kind', [SWITCHABLE, UNIVERSAL])
+def test_a_batchnorm_without_momentum_tracks_the_cumulative_average_as_torch_does(kind):
+    """``momentum=None`` (torch's cumulative moving average, 1 / batches seen) at full width."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(4, momentum=None)
+    bn = SlimBatchNorm2d.convert(copy.deepcopy(plain), kind)
+    plain.train(), bn.train()
+    for step in range(3):
+        x = torch.randn(5, 4, 3, 3) * (step + 1) + step
+        torch.testing.assert_close(bn(x), plain(x))
+    assert bn.num_batches_tracked.item() == plain.num_batches_tracked.item() == 3
+    torch.testing.assert_close(bn.running_mean, plain.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, plain.running_var, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', [SWITCHABLE, UNIVERSAL])
+@pytest.mark.parametrize('affine', [True, False])
+def test_the_export_of_a_batchnorm_keeps_its_settings_counter_and_activation(kind, affine):
+    """``twin`` (what ``export`` puts in the plain model): timm's ``BatchNormAct2d`` with the
+    layer's eps, momentum, affine, activation and dropout, its batch counter, dtype and statistics."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    plain = BatchNormAct2d(6, eps=1e-3, momentum=0.03, affine=affine, act_layer=nn.ReLU6,
+                           drop_layer=nn.Dropout).double()
+    if affine:
+        with torch.no_grad():
+            plain.weight.uniform_(0.5, 1.5), plain.bias.uniform_(-1, 1)
+    bn = SlimBatchNorm2d.convert(copy.deepcopy(plain), kind)
+    plain.train(), bn.train()
+    for _ in range(2):
+        x = 3 * torch.randn(4, 6, 3, 3, dtype=torch.float64)
+        plain(x), bn(x)
+    twin = bn.twin()
+    assert type(twin) is BatchNormAct2d
+    assert (twin.eps, twin.momentum, twin.affine, twin.track_running_stats) == (1e-3, 0.03, affine, True)
+    assert isinstance(twin.act, nn.ReLU6) and isinstance(twin.drop, nn.Dropout)
+    assert twin.num_batches_tracked.item() == 2 and twin.running_mean.dtype == torch.float64
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    x = 5 * torch.randn(3, 6, 4, 4, dtype=torch.float64) - 1
+    torch.testing.assert_close(twin.eval()(x), plain.eval()(x), rtol=0, atol=1e-12)
+
+
+def test_every_change_of_a_calibration_reaches_the_next_inference_call():
+    """Inference keeps a snapshot of the statistics it normalises with; each change of the
+    calibrations (put, discard, clear, a loaded state dict) must reach the very next call, also
+    right after the first calibration, and a state dict of the wrong calibrations is refused."""
+    torch.manual_seed(0)
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(3), UNIVERSAL).eval()
+    bn.is_full, bn.width_key, bn.width_label = False, '0_5', '0.5'
+    x = torch.randn(2, 3, 4, 4)
+
+    def normalises_with(mean, var):
+        with torch.no_grad():
+            torch.testing.assert_close(bn(x), F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+    def refuses():
+        with torch.no_grad(), pytest.raises(RuntimeError, match='width 0.5 has no BatchNorm statistics'):
+            bn(x)
+
+    def stats():
+        return torch.randn(3), torch.rand(3) + 0.5
+
+    for change in ('put', 'discard', 'clear', 'load'):
+        bn.calib.clear()
+        first = stats()
+        bn.calib.put('0_5', *first)   # a fresh calibration, then one change
+        normalises_with(*first)
+        if change == 'put':
+            second = stats()
+            bn.calib.put('0_5', *second)
+            normalises_with(*second)
+        elif change in ('discard', 'clear'):
+            bn.calib.discard('0_5') if change == 'discard' else bn.calib.clear()
+            assert list(bn.calib.keys()) == [] and bn.calib.get('0_5') is None
+            refuses()
+        else:
+            second = stats()
+            bn.load_state_dict({**bn.state_dict(), 'calib.0_5_mean': second[0], 'calib.0_5_var': second[1]})
+            normalises_with(*second)
+    bn.calib.discard('0_75')   # nothing to forget: no error
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*calib\.0_5_mean'):
+        bn.load_state_dict({k: v for k, v in bn.state_dict().items() if not k.startswith('calib.')})
+    with pytest.raises(RuntimeError, match=r'size mismatch for calib\.0_5_var'):
+        bn.load_state_dict({**bn.state_dict(), 'calib.0_5_var': torch.ones(4)})

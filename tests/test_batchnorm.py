@@ -340,14 +340,19 @@ def test_a_batchnorm_without_momentum_tracks_the_cumulative_average_as_torch_doe
 
 @pytest.mark.parametrize('kind', [SWITCHABLE, UNIVERSAL])
 @pytest.mark.parametrize('affine', [True, False])
-def test_the_export_of_a_batchnorm_keeps_its_settings_counter_and_activation(kind, affine):
-    """``twin`` (what ``export`` puts in the plain model): timm's ``BatchNormAct2d`` with the
-    layer's eps, momentum, affine, activation and dropout, its batch counter, dtype and statistics."""
+@pytest.mark.parametrize('act', [True, False])
+def test_the_export_of_a_batchnorm_keeps_its_settings_counter_and_activation(kind, affine, act):
+    """``twin`` (what ``export`` puts in the plain model): the layer's class (timm's
+    ``BatchNormAct2d`` with its activation and dropout, or a plain ``nn.BatchNorm2d``) with its
+    eps, momentum and affine, its batch counter, dtype and statistics."""
     from timm.layers import BatchNormAct2d
 
     torch.manual_seed(0)
-    plain = BatchNormAct2d(6, eps=1e-3, momentum=0.03, affine=affine, act_layer=nn.ReLU6,
-                           drop_layer=nn.Dropout).double()
+    if act:
+        plain = BatchNormAct2d(6, eps=1e-3, momentum=0.03, affine=affine, act_layer=nn.ReLU6, drop_layer=nn.Dropout)
+    else:
+        plain = nn.BatchNorm2d(6, eps=1e-3, momentum=0.03, affine=affine)
+    plain = plain.double()
     if affine:
         with torch.no_grad():
             plain.weight.uniform_(0.5, 1.5), plain.bias.uniform_(-1, 1)
@@ -357,9 +362,10 @@ def test_the_export_of_a_batchnorm_keeps_its_settings_counter_and_activation(kin
         x = 3 * torch.randn(4, 6, 3, 3, dtype=torch.float64)
         plain(x), bn(x)
     twin = bn.twin()
-    assert type(twin) is BatchNormAct2d
+    assert type(twin) is type(plain)
     assert (twin.eps, twin.momentum, twin.affine, twin.track_running_stats) == (1e-3, 0.03, affine, True)
-    assert isinstance(twin.act, nn.ReLU6) and isinstance(twin.drop, nn.Dropout)
+    if act:
+        assert isinstance(twin.act, nn.ReLU6) and isinstance(twin.drop, nn.Dropout)
     assert twin.num_batches_tracked.item() == 2 and twin.running_mean.dtype == torch.float64
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
@@ -372,40 +378,86 @@ def test_every_change_of_a_calibration_reaches_the_next_inference_call():
     calibrations (put, discard, clear, a loaded state dict) must reach the very next call, also
     right after the first calibration, and a state dict of the wrong calibrations is refused."""
     torch.manual_seed(0)
-    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(3), UNIVERSAL).eval()
-    bn.is_full, bn.width_key, bn.width_label = False, '0_5', '0.5'
     x = torch.randn(2, 3, 4, 4)
 
-    def normalises_with(mean, var):
+    def fresh():
+        bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(3), UNIVERSAL).eval()
+        bn.is_full, bn.width_key, bn.width_label = False, '0_5', '0.5'
+        return bn
+
+    def normalises_with(bn, mean, var):
         with torch.no_grad():
             torch.testing.assert_close(bn(x), F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps))
-
-    def refuses():
-        with torch.no_grad(), pytest.raises(RuntimeError, match='width 0.5 has no BatchNorm statistics'):
-            bn(x)
 
     def stats():
         return torch.randn(3), torch.rand(3) + 0.5
 
     for change in ('put', 'discard', 'clear', 'load'):
-        bn.calib.clear()
+        bn = fresh()
         first = stats()
-        bn.calib.put('0_5', *first)   # a fresh calibration, then one change
-        normalises_with(*first)
-        if change == 'put':
-            second = stats()
-            bn.calib.put('0_5', *second)
-            normalises_with(*second)
-        elif change in ('discard', 'clear'):
+        bn.calib.put('0_5', *first)   # the first calibration, then one change
+        normalises_with(bn, *first)
+        if change in ('discard', 'clear'):
             bn.calib.discard('0_5') if change == 'discard' else bn.calib.clear()
-            assert list(bn.calib.keys()) == [] and bn.calib.get('0_5') is None
-            refuses()
+            assert list(bn.calib.keys()) == [] and list(bn.calib.buffers()) == [] and bn.calib.get('0_5') is None
+            with torch.no_grad(), pytest.raises(RuntimeError, match='width 0.5 has no BatchNorm statistics'):
+                bn(x)
+            continue
+        second = stats()
+        if change == 'put':
+            bn.calib.put('0_5', *second)
         else:
-            second = stats()
             bn.load_state_dict({**bn.state_dict(), 'calib.0_5_mean': second[0], 'calib.0_5_var': second[1]})
-            normalises_with(*second)
+        normalises_with(bn, *second)
     bn.calib.discard('0_75')   # nothing to forget: no error
+    state = bn.state_dict()
     with pytest.raises(RuntimeError, match=r'Missing key\(s\).*calib\.0_5_mean'):
-        bn.load_state_dict({k: v for k, v in bn.state_dict().items() if not k.startswith('calib.')})
+        bn.load_state_dict({k: v for k, v in state.items() if not k.startswith('calib.')})
     with pytest.raises(RuntimeError, match=r'size mismatch for calib\.0_5_var'):
-        bn.load_state_dict({**bn.state_dict(), 'calib.0_5_var': torch.ones(4)})
+        bn.load_state_dict({**state, 'calib.0_5_var': torch.ones(4)})
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*calib\.stray\.mean'):
+        bn.load_state_dict({**state, 'calib.stray.mean': torch.ones(3)})
+
+
+@pytest.mark.parametrize('kind', [SWITCHABLE, UNIVERSAL])
+def test_every_forward_path_uses_the_layers_eps_and_trained_affine(kind):
+    """Training at full width (tracking), training at a narrow width without private statistics
+    (batch statistics only), inference with autograd on, inference under no_grad (the snapshot):
+    each equals torch's BatchNorm with the layer's eps (1e-3, as timm's tf_ models) and affine."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(4, eps=1e-3)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5), plain.bias.uniform_(-1, 1)
+        plain.running_mean.uniform_(-1, 1), plain.running_var.uniform_(0.5, 2)
+    bn = SlimBatchNorm2d.convert(copy.deepcopy(plain), kind)
+    x = 2 * torch.randn(3, 4, 5, 5) + 1
+    w, b = plain.weight.detach(), plain.bias.detach()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(bn.eval()(x), plain.eval()(x))
+    torch.testing.assert_close(bn.train()(x), plain.train()(x))
+    if kind == UNIVERSAL:   # a narrow width in training normalises with its batch's statistics
+        bn.is_full, bn.active_channels, bn.width_key = False, 2, '0_5'
+        expected = F.batch_norm(x[:, :2], None, None, w[:2], b[:2], True, 0.0, 1e-3)
+        torch.testing.assert_close(bn.train()(x[:, :2]), expected)
+    without_affine = nn.BatchNorm2d(4, eps=1e-3, affine=False).eval()
+    slim = SlimBatchNorm2d.convert(copy.deepcopy(without_affine), kind).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), without_affine(x))
+
+
+def test_inference_reuses_its_snapshot_until_the_width_changes():
+    """Under no_grad, eval-mode calls at one width share one snapshot of (weight, bias, mean,
+    var); a call at another width takes a new one, which the next call at that width reuses."""
+    bn = SlimBatchNorm2d.convert(nn.BatchNorm2d(4), UNIVERSAL).eval()
+    bn.calib.put('0_5', torch.zeros(2), torch.ones(2))
+    first = bn._frozen()
+    assert all(a is b for a, b in zip(first, bn._frozen()))
+    bn.is_full, bn.active_channels, bn.width_key = False, 2, '0_5'
+    narrow = bn._frozen()
+    assert narrow[2].shape == (2,) and all(a is b for a, b in zip(narrow, bn._frozen()))
+
+
+def test_converting_to_an_unknown_kind_names_the_kinds():
+    with pytest.raises(ValueError, match=r"bn must be one of \('universal', 'switchable'\), got 'private'"):
+        SlimBatchNorm2d.convert(nn.BatchNorm2d(4), 'private')

@@ -44,8 +44,9 @@ class CalibratedStats(nn.Module):
 
     Buffers move with ``.to()`` and travel in the state dict; loading a state dict creates the
     buffers it names, so a calibrated supernet saved to disk loads into a fresh one.
-    ``generation`` counts the changes (put, clear, discard, load, move), so the BatchNorm's
-    eval-mode snapshot knows when its statistics went stale without looking them up per call.
+    ``generation`` counts the changes (put, clear, discard, load), so the BatchNorm's eval-mode
+    snapshot knows when its statistics went stale without looking them up per call (a move,
+    ``.to()``, goes through the BatchNorm's ``_apply``, which drops its snapshots).
     """
 
     def __init__(self) -> None:
@@ -74,10 +75,6 @@ class CalibratedStats(nn.Module):
         self._buffers.pop(f'{key}_mean', None)
         self._buffers.pop(f'{key}_var', None)
         self.generation += 1
-
-    def _apply(self, fn, recurse=True):
-        self.generation += 1
-        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -407,7 +407,9 @@ def test_every_change_of_a_calibration_reaches_the_next_inference_call():
         if change == 'put':
             bn.calib.put('0_5', *second)
         else:
-            bn.load_state_dict({**bn.state_dict(), 'calib.0_5_mean': second[0], 'calib.0_5_var': second[1]})
+            # the calibrations alone (strict=False): the layer's own tensors, whose versions the
+            # snapshot also watches, stay as they are
+            bn.load_state_dict({'calib.0_5_mean': second[0], 'calib.0_5_var': second[1]}, strict=False)
         normalises_with(bn, *second)
     bn.calib.discard('0_75')   # nothing to forget: no error
     state = bn.state_dict()

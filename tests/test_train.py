@@ -29,6 +29,7 @@ from timm_slim.train import (
     inplace_distillation_loss,
     make_sampler,
     param_groups,
+    prepare_statistics,
     share_full_width_statistics,
     train_step,
 )
@@ -409,8 +410,31 @@ def test_naive_shared_bn_evaluates_narrow_widths_with_full_width_statistics(digi
     assert torch.equal(mean, norm.running_mean[:channels]) and torch.equal(var, norm.running_var[:channels])
     rows = evaluate(model, [digits_batch], [0.35, 0.5, 1.0])
     assert [r['width'] for r in rows] == [0.35, 0.5, 1.0] and all(r['images'] == 16 for r in rows)
-    with pytest.raises(ValueError, match='universal'):
+    with pytest.raises(ValueError) as refused:
         share_full_width_statistics(_supernet('snet'), [0.5])
+    assert str(refused.value) == ('share_full_width_statistics needs a supernet with shared (bn="universal") '
+                                  'BatchNorm; an S-Net keeps private statistics per width')
+
+
+def test_prepare_statistics_names_the_modes_needs_a_loader_and_calibrates_2000_images_by_default():
+    model = _supernet('usnet')
+    with pytest.raises(ValueError) as refused:
+        prepare_statistics(model, [0.5], 'exact')
+    assert str(refused.value) == ("BatchNorm statistics mode must be one of ['calibrate', 'running', 'full'], "
+                                  "got 'exact'")
+    with pytest.raises(ValueError) as refused:
+        prepare_statistics(model, [0.5], 'calibrate')
+    assert str(refused.value) == 'calibration needs a loader of training images'
+    torch.manual_seed(0)
+    images = [torch.randn(1000, 3, 8, 8), torch.randn(1000, 3, 8, 8), torch.full((2, 3, 8, 8), 50.0)]
+
+    def statistics(**num_images):
+        prepare_statistics(model, [0.5], 'calibrate', images, **num_images)
+        return model.bn1.calib.get('0_5')[0].clone()
+
+    default, first_2000 = statistics(), statistics(num_images=2000)
+    assert torch.equal(default, first_2000)   # the last two images (all 50s) are left out by default
+    assert not torch.allclose(default, statistics(num_images=2002))
 
 
 # -- recipes, one process -------------------------------------------------------------------------

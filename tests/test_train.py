@@ -145,6 +145,70 @@ def test_trainer_trains_the_sandwich_widths_of_each_step(digits_batch):
     assert trainer.step == 2 and timm_slim.get_width(model) == 1.0
 
 
+@pytest.mark.parametrize('accum, steps', [(1, 3), (2, 2)])
+def test_an_epoch_steps_once_per_group_of_micro_batches_and_reports_its_losses(accum, steps, digits_batch, capsys):
+    """Three micro-batches make 3 optimizer steps, or 2 in groups of 2 (the last group shorter).
+    The epoch returns the teacher's and the other widths' mean loss over its steps (those of
+    ``train_batches`` on the same groups) and logs the teacher's loss and the learning rate per
+    step to the accelerator's trackers; its progress bar names the epoch, counts the steps (with
+    the total when the loader has a length), is cleared at the end, and is hidden with
+    ``progress=False``; an empty loader is refused."""
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = 'recorder', False
+
+        def __init__(self):
+            super().__init__()
+            self.logs = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step, **kwargs):
+            self.logs.append((step, dict(values)))
+
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, widths=(0.5, 1.0))
+    reference = copy.deepcopy(model)
+    images = torch.nn.functional.interpolate(digits_batch[0][:12], size=16, mode='bilinear', antialias=True)
+    batches = [(images[i:i + 4], digits_batch[1][i:i + 4]) for i in (0, 4, 8)]
+    groups = [batches[:2], batches[2:]] if accum == 2 else [[b] for b in batches]
+    expected = [Trainer(reference, torch.optim.SGD(reference.parameters(), lr=0.0),
+                        AllWidths([0.5, 1.0])).train_batches(group) for group in groups]   # lr 0: same weights
+    recorder = Recorder()
+    accelerator = Accelerator(log_with=[recorder])
+    accelerator.init_trackers('epoch')
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = Trainer(model, optimizer, AllWidths([0.5, 1.0]), accelerator=accelerator, grad_accum_steps=accum)
+    assert trainer.steps_per_epoch(3) == steps
+    metrics = trainer.train_epoch(batches, epoch=3)
+    err = capsys.readouterr().err
+    assert metrics.keys() == {'epoch', 'step', 'loss', 'others_loss', 'lr', 'seconds'}
+    assert (metrics['epoch'], metrics['step'], trainer.step, metrics['lr']) == (3, steps, steps, 0.0)
+    assert metrics['loss'] == pytest.approx(sum(e[1.0] for e in expected) / steps, rel=1e-6)
+    assert metrics['others_loss'] == pytest.approx(sum(e[0.5] for e in expected) / steps, rel=1e-6)
+    assert [(step, sorted(values)) for step, values in recorder.logs] == [
+        (k + 1, ['train/loss', 'train/lr']) for k in range(steps)]
+    assert [values['train/loss'] for _, values in recorder.logs] == pytest.approx([e[1.0] for e in expected], rel=1e-6)
+    assert all(values['train/lr'] == 0.0 for _, values in recorder.logs)
+    assert 'epoch 3' in err and f'0/{steps}' in err and not err.endswith('\n')
+    trainer.train_epoch(iter(batches), epoch=4)   # no length: no total
+    err = capsys.readouterr().err
+    assert trainer.step == 2 * steps and 'epoch 4' in err and '0it' in err
+    assert trainer.train_epoch(batches[:1], epoch=5, progress=False)['step'] == 2 * steps + 1   # one step
+    assert capsys.readouterr().err == ''
+    with pytest.raises(ValueError) as refused:
+        trainer.train_epoch([], epoch=6, progress=False)
+    assert str(refused.value) == 'the training loader yielded no batches (fewer images than one batch?)'
+    accelerator.end_training()
+
+
 def test_snet_sampler_runs_every_width_largest_first():
     assert AllWidths([0.5, 1.0, 0.25, 0.75])(12) == [1.0, 0.75, 0.5, 0.25]
 

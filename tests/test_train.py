@@ -209,6 +209,52 @@ def test_an_epoch_steps_once_per_group_of_micro_batches_and_reports_its_losses(a
     accelerator.end_training()
 
 
+def test_ddp_searches_for_unused_parameters_only_for_private_batchnorms_of_several_widths():
+    from timm_slim.train.engine import needs_unused_parameter_search
+
+    assert needs_unused_parameter_search('switchable', [0.5, 1.0])
+    for bn, widths in (('switchable', [1.0]), ('switchable', [1.0, 1.0]), ('switchable', None),
+                       ('universal', [0.5, 1.0]), ('universal', None)):
+        assert not needs_unused_parameter_search(bn, widths), (bn, widths)
+
+
+@pytest.mark.parametrize('with_accelerator', [False, True])
+def test_a_trainer_step_clips_schedules_and_updates_the_ema(with_accelerator, digits_batch):
+    """One ``train_batches`` with ``clip_grad``: plain SGD (lr 1, no momentum) moves the weights by
+    exactly the clipped gradient (norm 1e-3, the accumulated gradient's direction); the timm
+    scheduler is stepped per update; the EMA starts as a copy at the first step (timm's rule) and
+    then moves by ``1 - decay`` towards the new weights; the gradients are zeroed (``None``)."""
+    from accelerate import Accelerator
+    from timm.scheduler import create_scheduler_v2
+
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, widths=(0.5, 1.0))
+    images = torch.nn.functional.interpolate(digits_batch[0][:8], size=16, mode='bilinear', antialias=True)
+    batch = [(images, digits_batch[1][:8])]
+    reference = copy.deepcopy(model)
+    train_step(reference, batch, [1.0, 0.5], torch.nn.CrossEntropyLoss())
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in reference.parameters()]
+    scale = 1e-3 / torch.cat([g.flatten() for g in grads]).norm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=1, warmup_lr=0.1,
+                                       step_on_epochs=False, updates_per_epoch=4)
+    ema = SlimModelEma(model, decay=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, optimizer, AllWidths([0.5, 1.0]), scheduler=scheduler, ema=ema, clip_grad=1e-3,
+                      accelerator=Accelerator() if with_accelerator else None)
+    trainer.train_batches(batch)
+    for b, p, g in zip(before, model.parameters(), grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * scale * g, rtol=1e-4, atol=1e-7)   # warm-up lr 0.1
+        assert p.grad is None
+    assert trainer.lr == pytest.approx(scheduler._get_lr(1)[0]) and trainer.lr != 0.1
+    first = [p.detach().clone() for p in model.parameters()]
+    for p, e in zip(first, ema.module.parameters()):   # timm: the first update copies the model
+        torch.testing.assert_close(e, p, rtol=0, atol=0)
+    trainer.train_batches(batch)
+    for b, p, e in zip(first, model.parameters(), ema.module.parameters()):   # then decay 0.9
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach(), rtol=1e-5, atol=1e-7)
+
+
 def test_snet_sampler_runs_every_width_largest_first():
     assert AllWidths([0.5, 1.0, 0.25, 0.75])(12) == [1.0, 0.75, 0.5, 0.25]
 

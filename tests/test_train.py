@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,34 @@ def test_an_epoch_steps_once_per_group_of_micro_batches_and_reports_its_losses(a
         trainer.train_epoch([], epoch=6, progress=False)
     assert str(refused.value) == 'the training loader yielded no batches (fewer images than one batch?)'
     accelerator.end_training()
+
+
+def test_trainer_defaults_criterion_one_width_epochs_and_refusals(digits_batch):
+    """Defaults: no distillation, the teacher alone from the first step once it is on, one
+    micro-batch per step, cross-entropy unless a criterion is given; an epoch of a single width
+    has no other widths' loss; bad settings are refused by name."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, widths=(0.5, 1.0))
+    images = torch.nn.functional.interpolate(digits_batch[0][:4], size=16, mode='bilinear', antialias=True)
+    batch = [(images, digits_batch[1][:4])]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = Trainer(model, optimizer, AllWidths([1.0]))
+    assert (trainer.distill_weight, trainer.grad_accum_steps) == (0.0, 1)
+    assert Trainer(model, optimizer, AllWidths([1.0]), distill=True).distill_weight == 1.0
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.train()(images), digits_batch[1][:4]).item()
+    started = time.perf_counter()
+    metrics = trainer.train_epoch(batch, epoch=0, progress=False)
+    assert metrics['loss'] == pytest.approx(expected, rel=1e-5) and metrics['others_loss'] is None
+    assert 0 < metrics['seconds'] < time.perf_counter() - started
+    constant = Trainer(model, optimizer, AllWidths([0.5, 1.0]), criterion=lambda logits, y: logits.mean() * 0 + 3.0)
+    assert constant.train_batches(batch) == {1.0: 3.0, 0.5: 3.0}
+    with pytest.raises(ValueError) as refused:
+        Trainer(model, optimizer, AllWidths([1.0]), grad_accum_steps=0)
+    assert str(refused.value) == 'grad_accum_steps must be a positive integer, got 0'
+    with pytest.raises(ValueError) as refused:
+        Trainer(model, optimizer, AllWidths([1.0]), distill_warmup_steps=-1)
+    assert str(refused.value) == 'distill_warmup_steps must be 0 or more, got -1'
 
 
 def test_ddp_searches_for_unused_parameters_only_for_private_batchnorms_of_several_widths():

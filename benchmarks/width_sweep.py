@@ -29,6 +29,7 @@ from timm_slim.train.recipe import build_parser, parse_args, run
 from timm_slim.train.recipe_common import build_data, build_datasets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablations import mean_se  # noqa: E402
 from accuracy import finished_run  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
@@ -82,16 +83,16 @@ def scatter(curve: Dict[float, float]) -> float:
     return statistics.mean((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) ** 0.5
 
 
-def mean_se(values: List[float]) -> str:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.2f} ± {se:.2f}'
+def cell(values: List[float]) -> str:
+    mean, se = mean_se(values)
+    return f'{mean:.2f}' if se is None else f'{mean:.2f} ± {se:.2f}'
 
 
 def report(curves: Dict[str, List[Dict[float, float]]], seeds: List[int]) -> str:
     labels = list(curves)
     lines = ['| width | ' + ' | '.join(labels) + ' |', '|---:|' + '---:|' * len(labels)]
     for w in GRID:
-        cells = [mean_se([c[w] for c in curves[label]]) for label in labels]
+        cells = [cell([c[w] for c in curves[label]]) for label in labels]
         mark = f'**{w:g}**' if w in REPORTED else f'{w:g}'
         lines.append(f'| {mark} | ' + ' | '.join(cells) + ' |')
     lines += ['', '| variant | reported widths never fall | 0.5 - 0.35 (paired) | 0.4 - 0.35 (paired) | '
@@ -100,9 +101,9 @@ def report(curves: Dict[str, List[Dict[float, float]]], seeds: List[int]) -> str
     for label in labels:
         runs = curves[label]
         lines.append(f'| {label} | {sum(map(monotone, runs))} of {len(runs)} | '
-                     f'{mean_se([c[0.5] - c[0.35] for c in runs])} | {mean_se([c[0.4] - c[0.35] for c in runs])} | '
+                     f'{cell([c[0.5] - c[0.35] for c in runs])} | {cell([c[0.4] - c[0.35] for c in runs])} | '
                      f'{statistics.mean(map(scatter, runs)):.2f} | '
-                     f'{mean_se([statistics.mean(c.values()) for c in runs])} |')
+                     f'{cell([statistics.mean(c.values()) for c in runs])} |')
     lines += ['', f'Top-1 (%) on the 360 digits test images, mean ± standard error over seeds '
                   f'{", ".join(map(str, seeds))}; the README\'s run (mobilenetv2_100 US-Net, 15 epochs) with each '
                   f'variant\'s flags, every width calibrated exactly on the 1,437 training images. Bold: the widths '

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -42,6 +41,9 @@ from timm_slim.profile import WidthProfile, plot_widths
 from timm_slim.train import markdown_table, write_json
 from timm_slim.train.recipe import build_parser, parse_args, run
 from timm_slim.train.recipe_common import changed_options
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from docs_section import write_section  # noqa: E402
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
 NATIVES = {0.35: 'mobilenetv2_035', 0.5: 'mobilenetv2_050', 0.75: 'mobilenetv2_075', 1.0: 'mobilenetv2_100'}
@@ -123,21 +125,9 @@ def add_run_flags(parser: argparse.ArgumentParser, output: str, page: str) -> No
                         help='after --: more recipe flags for every run, e.g. -- --train-subset 64 (smoke tests)')
 
 
-def replace_block(path: str, begin: str, end: str, text: str) -> None:
-    """Rewrite what stands between the markers ``begin`` and ``end`` of a docs page."""
-    with open(path) as handle:
-        page = handle.read()
-    if begin not in page or end not in page:
-        raise SystemExit(f'{path} has no {begin} ... {end} block to rewrite')
-    page = re.sub(re.escape(begin) + '.*?' + re.escape(end), lambda _m: f'{begin}\n{text}\n{end}', page,
-                  flags=re.S)
-    with open(path, 'w') as handle:
-        handle.write(page)
-
-
 def write_docs(text: str, plot_source: str, block: str) -> None:
     """Rewrite the ``<!-- block:begin -->`` block of docs/training.md and its plot."""
-    replace_block(os.path.join(ROOT, 'docs', 'training.md'), f'<!-- {block}:begin -->', f'<!-- {block}:end -->',
+    write_section(os.path.join(ROOT, 'docs', 'training.md'), f'<!-- {block}:begin -->', f'<!-- {block}:end -->',
                   text)
     os.replace(plot_source, os.path.join(ROOT, 'docs', 'img', f'{block}_benchmark.png'))
 

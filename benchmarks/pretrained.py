@@ -37,7 +37,8 @@ from typing import Dict, List, Sequence, Tuple
 import timm
 import torch
 from accelerate import Accelerator
-from accuracy import PAPER_DISTILL, PAPER_SCHEDULE, ROOT, add_run_flags, replace_block, train
+from accuracy import PAPER_DISTILL, PAPER_SCHEDULE, ROOT, add_run_flags, train
+from docs_section import write_section  # noqa: E402
 
 import timm_slim
 from timm_slim.train import evaluate, markdown_table, write_json
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     paths = plot(results, args, args.output)
     if args.write_docs:
         for name, text in blocks.items():
-            replace_block(PAGE, f'<!-- pretrained:{name}:begin -->', f'<!-- pretrained:{name}:end -->', text)
+            write_section(PAGE, f'<!-- pretrained:{name}:begin -->', f'<!-- pretrained:{name}:end -->', text)
         for path in paths:
             os.replace(path, os.path.join(ROOT, 'docs', 'img', os.path.basename(path)))
     return 0

@@ -1,6 +1,7 @@
 """Tests of training (timm_slim.train and the recipes): samplers, the multi-width step, real
 recipe runs, two real gloo processes, resume after SIGKILL, and bad input."""
 
+import contextlib
 import copy
 import json
 import os
@@ -236,6 +237,70 @@ def test_trainer_defaults_criterion_one_width_epochs_and_refusals(digits_batch):
     with pytest.raises(ValueError) as refused:
         Trainer(model, optimizer, AllWidths([1.0]), distill_warmup_steps=-1)
     assert str(refused.value) == 'distill_warmup_steps must be 0 or more, got -1'
+
+
+def test_a_trainer_step_goes_through_its_accelerator_with_its_gradient_normalisation(digits_batch):
+    """``train_batches`` hands ``train_step`` the trainer's accelerator (every backward goes through
+    it) and its ``grad_norm``: one SGD step (lr 1) moves the weights by the per-channel normalised
+    gradient of ``train_step``, which differs from the plain one."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, widths=(0.5, 1.0))
+    images = torch.nn.functional.interpolate(digits_batch[0][:4], size=16, mode='bilinear', antialias=True)
+    batch = [(images, digits_batch[1][:4])]
+
+    def gradients(grad_norm):
+        reference = copy.deepcopy(model)
+        train_step(reference, batch, [1.0, 0.5], torch.nn.CrossEntropyLoss(), grad_norm=grad_norm)
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in reference.parameters()]
+
+    normalised, plain = gradients('per-channel'), gradients('none')
+    assert not all(torch.allclose(a, b) for a, b in zip(normalised, plain))
+    before = [p.detach().clone() for p in model.parameters()]
+    launcher = _DDPLauncher()
+    launcher.no_sync = lambda model: contextlib.nullcontext()   # a plain model: nothing to synchronise
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), AllWidths([0.5, 1.0]),
+                      accelerator=launcher, grad_norm='per-channel')
+    trainer.train_batches(batch)
+    assert launcher.backwards == 2
+    for b, p, g in zip(before, model.parameters(), normalised):
+        torch.testing.assert_close(p.detach(), b - g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('with_accelerator', [False, True])
+def test_the_progress_bar_counts_each_step_and_shows_the_teachers_loss(with_accelerator, digits_batch, monkeypatch):
+    """The epoch's bar, on the main process with or without an accelerator, advances by one per
+    optimizer step and shows that step's full-width loss to 3 decimals."""
+    import tqdm.auto
+    from accelerate import Accelerator
+
+    shown = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            shown.append(('disable', kwargs['disable']))
+
+        def update(self, n=1):
+            shown.append(('update', n))
+            return super().update(n)
+
+        def set_postfix(self, **kwargs):
+            shown.append(('postfix', kwargs))
+            return super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(tqdm.auto, 'tqdm', RecordingBar)
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_slim', num_classes=10, widths=(0.5, 1.0))
+    images = torch.nn.functional.interpolate(digits_batch[0][:8], size=16, mode='bilinear', antialias=True)
+    batches = [(images[:4], digits_batch[1][:4]), (images[4:], digits_batch[1][4:8])]
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.0)
+    expected = [Trainer(reference, optimizer, AllWidths([0.5, 1.0])).train_batches([b])[1.0] for b in batches]
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), AllWidths([0.5, 1.0]),
+                      accelerator=Accelerator() if with_accelerator else None)
+    trainer.train_epoch(batches, epoch=0)
+    assert shown == [('disable', False)] + [entry for loss in expected
+                                            for entry in (('update', 1), ('postfix', {'loss': f'{loss:.3f}'}))]
 
 
 def test_ddp_searches_for_unused_parameters_only_for_private_batchnorms_of_several_widths():
@@ -523,6 +588,23 @@ def test_weight_decay_spares_batchnorm_biases_and_depthwise_kernels():
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
 
 
+def test_weight_decay_spares_depthwise_kernels_and_the_models_own_no_weight_decay_names():
+    """Spared together: 1-D parameters, the kernels of depthwise convs (groups == in_channels),
+    and what the model's ``no_weight_decay()`` names. timm's ResNet-26 with cardinality 2 and
+    base width 1 has both kinds of grouped conv: depthwise ones of 2 channels in its first stage,
+    grouped ones (2 groups of 4 to 16 inputs) that keep their decay after it."""
+    model = timm.create_model('resnet26_slim', num_classes=10, cardinality=2, base_width=1)
+    model.no_weight_decay = lambda: {'fc.weight'}
+    groups = param_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for g in groups if g['weight_decay'] == 0 for p in g['params']}
+    expected = {n for n, p in model.named_parameters() if p.ndim <= 1} | {
+        'layer1.0.conv2.weight', 'layer1.1.conv2.weight', 'fc.weight'}
+    assert spared == expected
+    assert {g['weight_decay'] for g in groups} == {0.0, 1e-4}
+    assert sum(len(g['params']) for g in groups) == len(names)
+
+
 def test_ema_of_a_calibrated_us_net_updates_parameter_by_parameter(digits_batch):
     model = _supernet('usnet')
     ema = SlimModelEma(model, decay=0.5)
@@ -574,6 +656,22 @@ def test_prepare_statistics_names_the_modes_needs_a_loader_and_calibrates_2000_i
     default, first_2000 = statistics(), statistics(num_images=2000)
     assert torch.equal(default, first_2000)   # the last two images (all 50s) are left out by default
     assert not torch.allclose(default, statistics(num_images=2002))
+
+
+def test_prepare_statistics_full_shares_the_full_widths_statistics_and_running_adds_none(digits_batch):
+    """``'full'`` gives each width the full width's running statistics sliced (the naive baseline);
+    ``'running'`` (an S-Net's private BNs) leaves a US-Net without any calibrated width."""
+    model = timm.create_model('mobilenetv2_050_slim', num_classes=10, widths=SNET_WIDTHS, bn='universal')
+    model.train()(digits_batch[0])
+    prepare_statistics(model, [0.35, 0.5], 'running')
+    assert timm_slim.control.calibrated_widths(model) == []
+    prepare_statistics(model, [0.35, 0.5], 'full')
+    assert timm_slim.control.calibrated_widths(model) == ['0_35', '0_5']
+    for width, key in ((0.35, '0_35'), (0.5, '0_5')):
+        channels = timm_slim.channel_table(model, width)['bn1'][0]
+        mean, var = model.bn1.calib.get(key)
+        assert torch.equal(mean, model.bn1.running_mean[:channels])
+        assert torch.equal(var, model.bn1.running_var[:channels])
 
 
 # -- recipes, one process -------------------------------------------------------------------------

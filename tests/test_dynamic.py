@@ -400,6 +400,74 @@ def test_stage2_gate_gradient_of_sgs_is_cross_entropy_against_hand_computed_targ
     assert sum(g.abs().sum() for g in grads) > 1e-3
 
 
+def test_a_stage2_step_follows_all_three_losses_through_the_accelerator(small):
+    """One ``GateTrainer`` step with a bf16 accelerator, gradient clipping and a timm scheduler,
+    against a hand reference: the gates move by the clipped gradient of task + ``sgs_weight`` x
+    SGS + ``complexity_weight`` x complexity, with the forward under the accelerator's autocast
+    and the backward and clipping through the accelerator; the scheduler is stepped per update;
+    the returned losses, MACs and noise are those of the step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from timm.scheduler import create_scheduler_v2
+
+    from timm_slim.dynamic.train import gate_training_mode
+
+    class Recording(Accelerator):
+        backwards = clips = 0
+
+        def backward(self, loss, **kwargs):
+            self.backwards += 1
+            return super().backward(loss, **kwargs)
+
+        def clip_grad_norm_(self, parameters, max_norm, **kwargs):
+            self.clips += 1
+            return super().clip_grad_norm_(parameters, max_norm, **kwargs)
+
+    images, labels = _digits(16, seed=5)
+    costs = route_costs(small, IMAGE)
+    target = float(costs.low + costs.high) / 2
+    reference = copy.deepcopy(small)
+    freeze_backbone(reference)
+    gate_training_mode(reference)
+    reference.ds.noise = 0.0
+    correct = choice_correctness(reference, images, labels, 'paper')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = reference(images)
+    decisions = reference.ds.last
+    task = torch.nn.functional.cross_entropy(logits.float(), labels)
+    sgs = sgs_loss(decisions.logits.float(), sgs_targets(correct, 'paper'))
+    macs = route_macs_of(decisions.onehot.double(), costs.table)
+    complexity = complexity_loss(macs, target).float()
+    grads = torch.autograd.grad(task + 0.5 * sgs + 0.25 * complexity, gate_parameters(reference), retain_graph=True)
+    of_complexity = torch.autograd.grad(complexity, gate_parameters(reference), allow_unused=True)
+    assert sum(g.abs().sum() for g in of_complexity if g is not None) > 1e-3   # the term moves the gates
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    clip = float(norm) / 4
+
+    model = copy.deepcopy(small)
+    params = freeze_backbone(model)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=1, warmup_lr=0.1,
+                                       step_on_epochs=False, updates_per_epoch=4)
+    accelerator = Recording(mixed_precision='bf16', cpu=True)
+    try:
+        trainer = GateTrainer(model, optimizer, costs, target_macs=target, sgs_weight=0.5, complexity_weight=0.25,
+                              noise_steps=1, step=1, accelerator=accelerator, scheduler=scheduler, clip_grad=clip)
+        row = trainer.train_batch(images, labels)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert (accelerator.backwards, accelerator.clips, trainer.step) == (1, 1, 2)
+    for b, p, g in zip(before, params, grads):   # warm-up lr 0.1, clipped to a quarter
+        torch.testing.assert_close(p.detach(), b - 0.1 * g / 4, rtol=1e-3, atol=1e-6)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(scheduler._get_lr(2)[0])
+    expected = {'loss': (task + 0.5 * sgs + 0.25 * complexity).item(), 'task': task.item(), 'sgs': sgs.item(),
+                'complexity': complexity.item(), 'macs': macs.mean().item(), 'noise': 0.0}
+    assert row.keys() == expected.keys()
+    assert row == pytest.approx(expected, rel=1e-5)
+    assert complexity.item() > 0.01 and sgs.item() > 0.01
+
+
 @pytest.mark.parametrize('weights', [dict(sgs_weight=-0.5), dict(complexity_weight=float('nan'))])
 def test_gate_trainer_refuses_negative_or_nan_loss_weights(weights, small):
     costs = route_costs(small, IMAGE)

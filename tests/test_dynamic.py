@@ -118,8 +118,13 @@ def test_float32_grouped_equals_per_input():
     with torch.no_grad():
         grouped = model(x)
         assert len({tuple(r) for r in model.ds.last.routes.tolist()}) >= 2
+        routes = [tuple(r) for r in model.ds.last.routes.tolist()]
         alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
         masked = masked_forward(model, x)
+        for route in set(routes):   # a static width applies the SE heads as its route does
+            picked = [i for i, r in enumerate(routes) if r == route]
+            with timm_slim.use_width(model, model.ds.route_width(route)):
+                torch.testing.assert_close(model(x[picked]), grouped[picked], rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped, masked, rtol=0, atol=1e-5)
 
@@ -238,10 +243,32 @@ def test_double_headed_gates():
     with torch.no_grad():
         grouped = model(x)
         assert len({tuple(r) for r in model.ds.last.routes.tolist()}) >= 2
+        routes = [tuple(r) for r in model.ds.last.routes.tolist()]
         alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
         masked = masked_forward(model, x)
+        for route in set(routes):   # a static width applies the SE heads as its route does
+            picked = [i for i, r in enumerate(routes) if r == route]
+            with timm_slim.use_width(model, model.ds.route_width(route)):
+                torch.testing.assert_close(model(x[picked]), grouped[picked], rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped, masked, rtol=0, atol=1e-5)
+
+
+def test_masked_forward_samples_its_decisions_with_the_noise_it_is_given(mobilenet):
+    """``noise=0`` (the default) takes the gates' argmax; a large noise draws routes at random,
+    reproducibly with the seed."""
+    timm_slim.set_width(mobilenet, 'dynamic')
+    x = _inputs()
+    with torch.no_grad():
+        masked_forward(mobilenet, x)
+        argmax = mobilenet.ds.last.routes.clone()
+        torch.manual_seed(0)
+        first = masked_forward(mobilenet, x, noise=50.0)
+        noisy = mobilenet.ds.last.routes.clone()
+        torch.manual_seed(0)
+        again = masked_forward(mobilenet, x, noise=50.0)
+    assert not torch.equal(noisy, argmax) and torch.equal(mobilenet.ds.last.routes, noisy)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
 
 
 def test_gradients_reach_the_gates_through_the_straight_through_estimator(mobilenet):
@@ -284,6 +311,23 @@ def test_uncalibrated_routes_name_calibrate_routes():
     model = timm.create_model('mobilenetv2_050_ds', num_classes=10, width='dynamic').eval()
     with pytest.raises(RuntimeError, match='calibrate_routes'):
         model(_inputs(torch.float32, 2))
+
+
+def test_calibrate_routes_needs_gates_and_one_image_and_calibrates_every_route():
+    with pytest.raises(ValueError) as refused:
+        calibrate_routes(timm.create_model('mobilenetv2_050_slim', num_classes=10), [_inputs(torch.float32, 2)])
+    assert str(refused.value) == 'calibrate_routes needs a supernet with gates (timm_slim.add_gates or a *_ds model)'
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, choices=(0.5, 1.0)).eval()
+    with pytest.raises(ValueError) as refused:
+        calibrate_routes(model, [_inputs(torch.float32, 2)], num_images=0)
+    assert str(refused.value) == 'num_images must be a positive integer, got 0'
+    image = torch.randn(1, 3, 64, 64)
+    assert calibrate_routes(model, [image, _inputs(torch.float32, 2)], num_images=1) == 2   # one image suffices
+    timm_slim.set_width(model, 'dynamic')
+    with torch.no_grad():
+        logits = model(image)
+    with timm_slim.use_width(model, model.ds.route_width(tuple(model.ds.last.routes[0].tolist()))):
+        torch.testing.assert_close(logits, model(image))
 
 
 def test_registered_names():
@@ -466,6 +510,23 @@ def test_a_stage2_step_follows_all_three_losses_through_the_accelerator(small):
     assert row.keys() == expected.keys()
     assert row == pytest.approx(expected, rel=1e-5)
     assert complexity.item() > 0.01 and sgs.item() > 0.01
+
+
+def test_gate_trainer_defaults_and_the_refusals_of_its_target_and_noise_steps(small):
+    """Defaults: both loss weights 1, no step taken, full noise; a target at either end of the
+    routes' MACs is allowed, beyond them it is refused by value, as are noise_steps below 1."""
+    costs = route_costs(small, IMAGE)
+    optimizer = torch.optim.SGD(gate_parameters(small), lr=0.1)
+    trainer = GateTrainer(small, optimizer, costs, float(costs.high))
+    assert (trainer.sgs_weight, trainer.complexity_weight, trainer.step, trainer.noise) == (1.0, 1.0, 0, 1.0)
+    assert GateTrainer(small, optimizer, costs, float(costs.low), noise_steps=4, step=1).noise == 0.75
+    with pytest.raises(ValueError) as refused:
+        GateTrainer(small, optimizer, costs, float(costs.high) + 1)
+    assert str(refused.value) == (f'target_macs {float(costs.high) + 1:g} is outside the routes\' MACs '
+                                  f'[{costs.low}, {costs.high}]')
+    with pytest.raises(ValueError) as refused:
+        GateTrainer(small, optimizer, costs, float(costs.low), noise_steps=0)
+    assert str(refused.value) == 'noise_steps must be a positive integer or None, got 0'
 
 
 @pytest.mark.parametrize('weights', [dict(sgs_weight=-0.5), dict(complexity_weight=float('nan'))])

@@ -334,9 +334,19 @@ def test_a_trainer_step_clips_schedules_and_updates_the_ema(with_accelerator, di
                                        step_on_epochs=False, updates_per_epoch=4)
     ema = SlimModelEma(model, decay=0.9)
     before = [p.detach().clone() for p in model.parameters()]
+
+    class Clipping(Accelerator):   # clipping goes through accelerate (it unscales fp16 gradients first)
+        clips = 0
+
+        def clip_grad_norm_(self, parameters, max_norm, **kwargs):
+            self.clips += 1
+            return super().clip_grad_norm_(parameters, max_norm, **kwargs)
+
+    accelerator = Clipping() if with_accelerator else None
     trainer = Trainer(model, optimizer, AllWidths([0.5, 1.0]), scheduler=scheduler, ema=ema, clip_grad=1e-3,
-                      accelerator=Accelerator() if with_accelerator else None)
+                      accelerator=accelerator)
     trainer.train_batches(batch)
+    assert accelerator is None or accelerator.clips == 1
     for b, p, g in zip(before, model.parameters(), grads):
         torch.testing.assert_close(p.detach(), b - 0.1 * scale * g, rtol=1e-4, atol=1e-7)   # warm-up lr 0.1
         assert p.grad is None
@@ -592,8 +602,9 @@ def test_weight_decay_spares_depthwise_kernels_and_the_models_own_no_weight_deca
     """Spared together: 1-D parameters, the kernels of depthwise convs (groups == in_channels),
     and what the model's ``no_weight_decay()`` names. timm's ResNet-26 with cardinality 2 and
     base width 1 has both kinds of grouped conv: depthwise ones of 2 channels in its first stage,
-    grouped ones (2 groups of 4 to 16 inputs) that keep their decay after it."""
-    model = timm.create_model('resnet26_slim', num_classes=10, cardinality=2, base_width=1)
+    grouped ones (2 groups of 4 to 16 inputs) that keep their decay after it; one input channel
+    (its stem, ``in_chans=1``) does not make a plain conv depthwise."""
+    model = timm.create_model('resnet26_slim', num_classes=10, cardinality=2, base_width=1, in_chans=1)
     model.no_weight_decay = lambda: {'fc.weight'}
     groups = param_groups(model, 1e-4)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .batches import first_batches
 from .layers import SWITCHABLE, SlimBatchNorm2d, SlimGroupNorm
 from .state import SlimState, feature_dicts, slim_layers, unwrap
 from .width import Width, format_width, stage_widths, width_key
@@ -167,16 +168,8 @@ def calibrate_bn(
                 norms = _norms(net)
                 for norm in norms:
                     norm.start_calibration()
-                seen = 0
-                for batch in loader:
-                    images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    images = images[:num_images - seen].to(device)
+                for images, _ in first_batches(loader, num_images, 'calibrate_bn', device):
                     net(images)
-                    seen += images.shape[0]
-                    if seen >= num_images:
-                        break
-                if seen == 0:
-                    raise ValueError('calibrate_bn: the loader yielded no images')
                 for norm in norms:
                     norm.finish_calibration()
     finally:

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BlurPool2d, CecaModule, EcaModule
 
+from .batches import first_batches
 from .channels import _TRACE_SIZES, ChannelGraph, UnsupportedModelError, dependency_order, trace_channels
 from .layers import SWITCHABLE, UNIVERSAL, SlimBatchNorm2d
 from .width import width_key
@@ -260,19 +261,10 @@ _WEIGHT_MEASURES: Dict[str, Callable[[_Group], torch.Tensor]] = {
 
 def _batches(loader: Iterable, num_images: int, device: torch.device, labels: bool):
     """(images, targets or None) from ``loader`` until ``num_images`` images were given."""
-    seen = 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+    for images, targets in first_batches(loader, num_images, 'sort_channels', device):
         if labels and targets is None:
             raise ValueError("importance 'taylor' needs labels: the loader must yield (images, targets)")
-        images = images[:num_images - seen].to(device)
-        yield images, None if targets is None else targets[:images.shape[0]].to(device)
-        seen += images.shape[0]
-        if seen >= num_images:
-            return
-    if seen == 0:
-        raise ValueError('sort_channels: the loader yielded no images')
+        yield images, targets
 
 
 def _data_measure(model: nn.Module, groups: Dict[int, _Group], importance: str, loader: Iterable,

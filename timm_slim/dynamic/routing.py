@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Proxy
 
+from ..batches import first_batches
 from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
 from ..convert import model_family
 from ..features import is_feature_model
@@ -495,15 +496,7 @@ def calibrate_routes(model: nn.Module, loader: Iterable, num_images: int = 256) 
         raise ValueError('calibrate_routes needs a supernet with gates (timm_slim.add_gates or a *_ds model)')
     if num_images < 1:
         raise ValueError(f'num_images must be a positive integer, got {num_images!r}')
-    batches, seen = [], 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        batches.append(images[:num_images - seen])
-        seen += batches[-1].shape[0]
-        if seen >= num_images:
-            break
-    if not seen:
-        raise ValueError('calibrate_routes: the loader yielded no images')
+    batches = [images for images, _ in first_batches(loader, num_images, 'calibrate_routes')]
     ds: DynamicState = net.ds
-    calibrate_bn(net, batches, widths=[ds.route_width(r) for r in ds.routes()], num_images=seen)
+    calibrate_bn(net, batches, widths=[ds.route_width(r) for r in ds.routes()], num_images=num_images)
     return ds.num_routes

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from ..batches import first_batches
 from ..control import get_width, set_width, unwrap, use_width
 from ..train.engine import optimizer_update
 from ..width import Width
@@ -283,7 +284,7 @@ def fit_target(model: nn.Module, loader: Iterable, costs: RouteCosts, target_mac
     """
     net = unwrap(model)
     ds: DynamicState = net.ds
-    images = _first_images(loader, num_images, next(net.parameters()).device)
+    images = [chunk for chunk, _ in first_batches(loader, num_images, 'fit_target', next(net.parameters()).device)]
     ramp = torch.linspace(0.0, 1.0, ds.num_choices)
     biases = {stage: gate.fc2.bias.detach().clone() for stage, gate in net.gates.items()}
     table = costs.table
@@ -326,16 +327,3 @@ def fit_target(model: nn.Module, loader: Iterable, costs: RouteCosts, target_mac
         set_width(net, previous)
         net.train(was_training)
     return {'offset': offset, 'macs': reached[offset]}
-
-
-def _first_images(loader: Iterable, count: int, device: torch.device) -> List[torch.Tensor]:
-    chunks, seen = [], 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        chunks.append(images[:count - seen].to(device))
-        seen += chunks[-1].shape[0]
-        if seen >= count:
-            break
-    if not seen:
-        raise ValueError('the loader yielded no images')
-    return chunks

@@ -350,6 +350,70 @@ def test_wrong_token_and_missing_repo_give_clear_errors(snet, hub, fresh_cache, 
         timm_slim.load_from_hub('user/empty')
 
 
+def test_a_private_repo_loads_with_the_token_cache_and_revision_given(snet, hub, fresh_cache, x, tmp_path) -> None:
+    """``load_from_hub`` and ``download_from_hub`` hand huggingface_hub the token, the cache folder
+    and the revision they are given (with no token in the environment, a private repo is found
+    only with it); ``org/name@revision`` is the same as ``revision=``; a repo id that is no string
+    is refused by value."""
+    timm_slim.push_to_hub(snet, 'user/private-snet', private=True)
+    first = hub.commits('user/private-snet')[0]
+    changed = copy.deepcopy(snet)
+    _randomise_bn(changed, 5)
+    timm_slim.push_to_hub(changed, 'user/private-snet')
+    restore = configure_hub_env(hub.url, tmp_path / 'no-token-home', token=None)
+    try:
+        with pytest.raises(HubError, match='user/private-snet'):
+            timm_slim.load_from_hub('user/private-snet', width=0.5)
+        cache = tmp_path / 'given-cache'
+        model = timm_slim.load_from_hub('user/private-snet', width=0.5, token=hub.token, cache_dir=cache)
+        assert (_outputs(model, x) - _outputs(changed, x, 0.5)).abs().max().item() < 1e-5
+        assert any(cache.rglob('width_0.5.safetensors'))
+        download = timm_slim.hub.download_from_hub
+        for path in (download('user/private-snet', 0.5, first, token=hub.token, cache_dir=cache),
+                     download(f'user/private-snet@{first}', 0.5, token=hub.token, cache_dir=cache)):
+            assert Path(path).is_relative_to(cache) and f'/snapshots/{first}/' in path
+            assert (_outputs(timm_slim.load(path), x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+        old = timm_slim.load_from_hub(f'user/private-snet@{first}', width=0.5, token=hub.token, cache_dir=cache)
+        assert (_outputs(old, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
+    finally:
+        restore()
+    with pytest.raises(ValueError) as refused:
+        timm_slim.load_from_hub(123)
+    assert str(refused.value) == 'repo_id must look like "org/name" (or "org/name@revision"), got 123'
+
+
+def test_a_local_folder_names_itself_in_its_errors_and_in_the_models_source(snet, hub, fresh_cache, tmp_path) -> None:
+    folder = tmp_path / 'repo'
+    shutil.copytree(snapshot_download('user/snet'), folder)
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True, width=1.0)
+    assert (model.pretrained_cfg['file'], model.pretrained_cfg['source']) == (str(folder), 'local-dir')
+    (folder / width_filename(0.5)).unlink()
+    with pytest.raises(FileNotFoundError) as missing:
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
+    assert str(missing.value) == f'{folder}: no file {width_filename(0.5)}'
+
+
+def test_only_a_cached_blob_is_discarded_and_a_link_whose_blob_is_gone_too(tmp_path) -> None:
+    """A bad download is removed from huggingface_hub's cache (its snapshot link and its blob);
+    a file outside a ``blobs`` folder is a user's own and stays."""
+    from timm_slim.hub.download import _HubFiles
+
+    own = tmp_path / 'model.safetensors'
+    own.write_bytes(b'x')
+    assert _HubFiles.discard(str(own)) is False and own.exists()
+    blob = tmp_path / 'blobs' / ('a' * 64)
+    link = tmp_path / 'snapshots' / ('b' * 40) / 'model.safetensors'
+    blob.parent.mkdir()
+    link.parent.mkdir(parents=True)
+    blob.write_bytes(b'x')
+    link.symlink_to(blob)
+    assert _HubFiles.discard(str(link)) is True and not blob.exists() and not link.is_symlink()
+    blob.write_bytes(b'x')
+    link.symlink_to(blob)
+    blob.unlink()          # the blob is gone already (another process removed it): the link still goes
+    assert _HubFiles.discard(str(link)) is True and not link.is_symlink()
+
+
 def test_corrupted_or_truncated_download_is_refused(usnet, hub, fresh_cache, x) -> None:
     name = width_filename(0.5)
 

@@ -32,7 +32,7 @@ class _HubFiles:
         self.repo_id, self.revision, self.token, self.cache_dir = repo_id, revision, token, cache_dir
         self.label = repo_id if revision is None else f'{repo_id}@{revision}'
 
-    def config(self, cached: bool = False) -> str:
+    def config(self, cached: bool) -> str:
         """config.json; ``cached``: the copy timm's ``hf-hub:`` loader has just downloaded, if any."""
         from huggingface_hub import try_to_load_from_cache
 
@@ -83,7 +83,7 @@ class _LocalFiles:
         self.directory = Path(directory)
         self.label = str(directory)
 
-    def config(self, cached: bool = False) -> str:
+    def config(self, cached: bool) -> str:
         return self.fetch(CONFIG_FILE)
 
     def fetch(self, name: str) -> str:

@@ -20,6 +20,7 @@ def test_the_first_images_of_tensors_and_tuples_cut_to_fit_on_the_device():
     assert [(images.shape[0], images.device.type) for images, _ in got] == [(5, 'meta'), (5, 'meta'), (2, 'meta')]
     assert got[0][1] is None
     assert [(t.shape[0], t.device.type) for _, t in got[1:]] == [(5, 'meta'), (2, 'meta')]
+    assert [t for _, t in first_batches([(a,)], 5, 'caller')] == [None]   # a tuple of images alone
     plain = list(first_batches([a, (b, y)], 7, 'caller'))
     assert torch.equal(plain[0][0], a) and torch.equal(plain[1][0], b[:2]) and plain[1][1].tolist() == [0, 1]
 

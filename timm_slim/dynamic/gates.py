@@ -49,7 +49,7 @@ class Gate(nn.Module):
     the sliced input give the same logits.
     """
 
-    def __init__(self, channels: int, num_choices: int, hidden: int, se: bool = False) -> None:
+    def __init__(self, channels: int, num_choices: int, hidden: int, se: bool) -> None:
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden)
         # fc1 reads the route's leading input features: at inference a contiguous copy of its

@@ -236,7 +236,7 @@ def test_double_headed_gates():
         torch.testing.assert_close(gated(x), plain(x), rtol=0, atol=0)   # the SE head starts at zero
     with pytest.raises(ValueError, match='SE heads'):
         timm_slim.export(gated, 0.5)
-    assert [p is q for p, q in zip(gate_parameters(gated), gated.gates[str(gated.ds.gate_stages[0])].fc2.parameters())]
+    assert gate_parameters(gated) == list(gated.gates[str(gated.ds.gate_stages[0])].fc2.parameters())
     model = _gated('mobilenetv2_050_ds', choices=(0.5, 0.75, 1.0), se=True)
     timm_slim.set_width(model, 'dynamic')
     x = _inputs()
@@ -344,19 +344,81 @@ def test_registered_names():
     assert all(mbv2.state_dict()[k].shape == v.shape for k, v in base.items())
 
 
-@pytest.mark.parametrize('kwargs,words', [
-    (dict(choices=(0.1, 0.5, 1.0)), ['0.1', 'a number in [0.25, 1]']),
-    (dict(choices=(0.5,)), ['at least 2']),
-    (dict(at=(0,)), ['stage 0', '1..3', 'layer2']),
-    (dict(at=(4,)), ['stage 4', '1..3']),
-    (dict(at=('layer2',)), ["'layer2'", '1..3']),
-    (dict(fixed=0.2), ['0.2', '[0.25, 1]']),
-    (dict(tau=0), ['tau']),
+RESNET18_STAGES = 'stage indices 1..3 of [0: layer1, 1: layer2, 2: layer3, 3: layer4]'
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(choices=(0.1, 0.5, 1.0)),
+     "gate choice 0.1 is not in the supernet's width space; each choice must be a number in [0.25, 1]"),
+    (dict(choices=(0.5,)), 'gate choices must be a list of at least 2 widths, got (0.5,); each must be a number in '
+                           '[0.25, 1]'),
+    (dict(choices='0.5'), "gate choices must be a list of at least 2 widths, got '0.5'; each must be a number in "
+                          "[0.25, 1]"),
+    (dict(choices=(0.5, 0.5, 1.0)), 'gate choices must be distinct, got (0.5, 0.5, 1.0)'),
+    (dict(at=(0,)), f'no gate can sit at stage 0: allowed are {RESNET18_STAGES} (stage 0 holds the stem, whose '
+                    f'channels are fixed before any gate has seen the input)'),
+    (dict(at=(4,)), f'no gate can sit at stage 4: allowed are {RESNET18_STAGES} (stage 0 holds the stem, whose '
+                    f'channels are fixed before any gate has seen the input)'),
+    (dict(at=('layer2',)), f"no gate can sit at stage 'layer2': allowed are {RESNET18_STAGES} (stage 0 holds the "
+                           f"stem, whose channels are fixed before any gate has seen the input)"),
+    (dict(at=True), f'gate positions at= must be a non-empty list of {RESNET18_STAGES}, got True'),
+    (dict(at=()), f'gate positions at= must be a non-empty list of {RESNET18_STAGES}, got ()'),
+    (dict(at=(2, 2)), 'gate positions must be distinct, got (2, 2)'),
+    (dict(fixed=0.2), 'width 0.2 is out of range; allowed: a number in [0.25, 1]'),
+    (dict(tau=0), 'the Gumbel-softmax temperature tau must be a positive number, got 0'),
+    (dict(reduction=0), 'reduction must be a positive integer, got 0'),
 ])
-def test_bad_gate_arguments(kwargs, words):
+def test_bad_gate_arguments(kwargs, message):
     with pytest.raises(ValueError) as error:
         timm.create_model('resnet18_ds', num_classes=10, **kwargs)
-    assert all(w in str(error.value) for w in words), str(error.value)
+    assert str(error.value) == message
+
+
+def test_gates_refuse_supernets_they_cannot_route_naming_the_reason():
+    """A supernet without the full width, one whose coupled channels a gate would split (LCNet's
+    last SE reads the previous stage's output), a GhostNet (concatenated groups), a second set of
+    gates; one stage index alone is a list of one."""
+    assert timm.create_model('resnet18_ds', num_classes=10, at=2).ds.gate_stages == (2,)
+    with pytest.raises(ValueError) as refused:
+        add_gates(timm.create_model('resnet18_slim', num_classes=10, width_range=(0.25, 0.75)))
+    assert str(refused.value) == ('DS-Net gates need a supernet whose widths include 1.0 (the masked training runs '
+                                  'the full width); this one takes a number in [0.25, 0.75]')
+    with pytest.raises(timm_slim.UnsupportedModelError) as refused:
+        add_gates(timm.create_model('lcnet_050_slim', num_classes=10), at=(5,))
+    assert str(refused.value) == ('gates at stages [5] would split coupled channels produced by blocks.4.3.conv_pw, '
+                                  'blocks.5.0.se.conv_expand across segments; move the gate to another stage')
+    with pytest.raises(timm_slim.UnsupportedModelError) as refused:
+        add_gates(timm.create_model('ghostnet_100_slim', num_classes=10))
+    assert str(refused.value) == ('DS-Net gates are not implemented for ghostnet_100: it concatenates channel groups '
+                                  '(GhostNet), and the masked training of the gates keeps leading channels only')
+    with pytest.raises(ValueError) as refused:
+        add_gates(timm.create_model('resnet18_ds', num_classes=10))
+    assert str(refused.value) == 'the model already has gates'
+
+
+def test_a_gate_reads_the_leading_input_channels_and_scales_them_with_its_se_head():
+    """By hand: average pool, the first FC on the leading ``x.shape[1]`` of its inputs, ReLU, the
+    decision FC (logits only when deciding), and with an SE head the input scaled by
+    ``1 + tanh(se(hidden))`` over its channels; without one the input passes unchanged."""
+    from timm_slim.dynamic.gates import Gate
+
+    torch.manual_seed(0)
+    plain, double = Gate(8, 3, 4, se=False), Gate(8, 3, 4, se=True)
+    assert double.se.weight.shape == (8, 4) and not double.se.weight.any() and plain.se is None
+    nn.init.normal_(double.se.weight)
+    nn.init.normal_(double.se.bias)
+    x = torch.randn(2, 6, 5, 5)
+    for gate in (plain, double):
+        hidden = torch.relu(x.mean((2, 3)) @ gate.fc1.weight[:, :6].T + gate.fc1.bias)
+        logits, out = gate(x)
+        torch.testing.assert_close(logits, hidden @ gate.fc2.weight.T + gate.fc2.bias)
+        scale = 1.0
+        if gate.se is not None:
+            scale = (1 + torch.tanh(hidden @ gate.se.weight[:6].T + gate.se.bias[:6]))[..., None, None]
+        torch.testing.assert_close(out, x * scale)
+        no_logits, again = gate(x, decide=False)
+        assert no_logits is None
+        torch.testing.assert_close(again, out)
 
 
 def test_bad_gate_targets_for_snet_and_plain_supernets():

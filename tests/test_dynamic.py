@@ -367,11 +367,46 @@ RESNET18_STAGES = 'stage indices 1..3 of [0: layer1, 1: layer2, 2: layer3, 3: la
     (dict(fixed=0.2), 'width 0.2 is out of range; allowed: a number in [0.25, 1]'),
     (dict(tau=0), 'the Gumbel-softmax temperature tau must be a positive number, got 0'),
     (dict(reduction=0), 'reduction must be a positive integer, got 0'),
+    (dict(reduction=True), 'reduction must be a positive integer, got True'),
+    (dict(reduction=2.5), 'reduction must be a positive integer, got 2.5'),
+    (dict(tau=True), 'the Gumbel-softmax temperature tau must be a positive number, got True'),
 ])
 def test_bad_gate_arguments(kwargs, message):
     with pytest.raises(ValueError) as error:
         timm.create_model('resnet18_ds', num_classes=10, **kwargs)
     assert str(error.value) == message
+
+
+def test_add_gates_defaults_sizes_frozen_heads_and_the_models_dtype_and_device():
+    """Defaults: widths 0.25..1 in quarters, ResNet gates at stages 1-3, the stages before the
+    first gate at the smallest choice, tau 1, no SE head, hidden width ``max(16, channels / 4)``
+    rounded to 8 on the full width's stage input; the decision heads start frozen; the slim
+    layers after the first gate keep a weight slice and a BatchNorm snapshot per pair of choices;
+    the gates take the supernet's dtype and device."""
+    model = add_gates(timm.create_model('resnet18_slim', num_classes=10))
+    ds = model.ds
+    assert (ds.choices, ds.gate_stages, ds.fixed, ds.tau, ds.se, ds.reduction) == ((0.25, 0.5, 0.75, 1.0), (1, 2, 3),
+                                                                                  0.25, 1.0, False, 4)
+    assert type(ds.reduction) is int and model.slim.export_blocker is None
+    sizes = [(g.fc1.in_features, g.fc1.out_features, g.fc2.out_features, g.se) for g in model.gates.values()]
+    assert sizes == [(64, 16, 4, None), (128, 32, 4, None), (256, 64, 4, None)]
+    heads = {id(p) for p in gate_parameters(model)}
+    assert heads and all(p.requires_grad == (id(p) not in heads) for p in model.parameters())
+    assert model.layer2[0].conv1._cache.capacity == 16 and model.layer2[0].bn1.snapshot_capacity == 16
+    assert model.layer1[0].conv1._cache.capacity != 16 and model.layer1[0].bn1.snapshot_capacity != 16   # fixed
+    narrow = add_gates(timm.create_model('resnet18_slim', num_classes=10), reduction=3, fixed=0.5, tau=0.5)
+    assert [g.fc1.out_features for g in narrow.gates.values()] == [24, 40, 88]
+    assert (narrow.ds.fixed, narrow.ds.tau) == (0.5, 0.5)
+    assert [g.fc1.out_features for g in add_gates(timm.create_model('resnet18_slim', num_classes=10),
+                                                   reduction=1).gates.values()] == [64, 128, 256]
+    double = add_gates(timm.create_model('resnet18_slim', num_classes=10), se=True)
+    assert all(isinstance(g.se, nn.Linear) and g.se.out_features == g.fc1.in_features for g in double.gates.values())
+    assert double.slim.export_blocker == ('its double-headed DS-Net gates (se=True) scale stage inputs with SE heads, '
+                                          'which a plain timm model does not have')
+    wide = add_gates(timm.create_model('resnet18_slim', num_classes=10).to(torch.float64))
+    assert {p.dtype for p in wide.gates.parameters()} == {torch.float64}
+    meta = add_gates(timm.create_model('resnet18_slim', num_classes=10).to('meta'))
+    assert {p.device.type for p in meta.gates.parameters()} == {'meta'}
 
 
 def test_gates_refuse_supernets_they_cannot_route_naming_the_reason():

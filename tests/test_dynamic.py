@@ -396,7 +396,7 @@ def test_add_gates_defaults_sizes_frozen_heads_and_the_models_dtype_and_device()
     assert model.layer1[0].conv1._cache.capacity != 16 and model.layer1[0].bn1.snapshot_capacity != 16   # fixed
     narrow = add_gates(timm.create_model('resnet18_slim', num_classes=10), reduction=3, fixed=0.5, tau=0.5)
     assert [g.fc1.out_features for g in narrow.gates.values()] == [24, 40, 88]
-    assert (narrow.ds.fixed, narrow.ds.tau) == (0.5, 0.5)
+    assert (narrow.ds.fixed, narrow.ds.tau, narrow.ds.reduction) == (0.5, 0.5, 3)
     assert [g.fc1.out_features for g in add_gates(timm.create_model('resnet18_slim', num_classes=10),
                                                    reduction=1).gates.values()] == [64, 128, 256]
     double = add_gates(timm.create_model('resnet18_slim', num_classes=10), se=True)

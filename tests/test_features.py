@@ -350,6 +350,8 @@ def test_gates_a_backbone_cannot_use_are_refused_with_the_allowed_values():
     with pytest.raises(ValueError, match=r"feature_cls='fx'.*use feature_cls 'list' \(the default\), 'dict', "
                                          r"'hook' or 'getter'"):
         timm.create_model('resnet18_ds', features_only=True, feature_cls='fx')
+    with pytest.raises(ValueError, match=r"feature_cls='fx'"):   # before any argument is checked
+        timm.create_model('resnet18_ds', features_only=True, feature_cls='fx', choices=(0.5,))
     with pytest.raises(ValueError, match=r"no gate can sit at stage 4 of this feature model: its last returned "
                                          r"feature \(out_indices \(0, 1, 2\)\) comes from stage 2 \(blocks\.2\).*"
                                          r"allowed are stage indices 1\.\.2 of \[1: blocks\.1, 2: blocks\.2\]"):

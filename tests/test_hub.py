@@ -236,6 +236,23 @@ def test_width_not_in_repo_is_refused_with_the_widths_it_has(usnet, hub, fresh_c
     assert _fetched(hub) == {'config.json'}  # no weights were downloaded for any of these
 
 
+def test_model_arguments_equal_to_the_repos_load_and_others_are_refused_by_name(hub, fresh_cache) -> None:
+    """The repo's own model arguments (its ``drop_rate``, its ``num_classes``) may be given again;
+    any other value is refused, every changed argument named, before any weights are fetched."""
+    torch.manual_seed(2)
+    model = timm.create_model('mobilenetv2_050_slim', num_classes=NUM_CLASSES, widths=(0.5, 1.0), drop_rate=0.2)
+    timm_slim.push_to_hub(model.eval(), 'user/dropout', input_size=(3, 32, 32))
+    same = timm.create_model('hf-hub:user/dropout', pretrained=True, width=0.5, drop_rate=0.2, num_classes=NUM_CLASSES)
+    assert same.drop_rate == 0.2 and same.num_classes == NUM_CLASSES
+    hub.reset_requests()
+    with pytest.raises(ValueError) as refused:
+        timm.create_model('hf-hub:user/dropout', pretrained=True, width=0.5, drop_rate=0.3, num_classes=5)
+    assert str(refused.value) == ('user/dropout: pretrained weights from a timm_slim repo are built exactly as its '
+                                  'config.json says; cannot also apply drop_rate=0.3, num_classes=5 (load the model, '
+                                  'then change it, e.g. model.reset_classifier(n))')
+    assert _fetched(hub) == {'config.json'}
+
+
 def test_usnet_push_without_statistics_is_refused(hub: HubServer) -> None:
     model = timm.create_model('mobilenetv2_100_slim', num_classes=NUM_CLASSES, width_range=(0.35, 1.0))
     hub.reset_requests()

@@ -244,6 +244,11 @@ def test_model_arguments_equal_to_the_repos_load_and_others_are_refused_by_name(
     timm_slim.push_to_hub(model.eval(), 'user/dropout', input_size=(3, 32, 32))
     same = timm.create_model('hf-hub:user/dropout', pretrained=True, width=0.5, drop_rate=0.2, num_classes=NUM_CLASSES)
     assert same.drop_rate == 0.2 and same.num_classes == NUM_CLASSES
+    assert {p.dtype for p in same.parameters()} == {torch.float32}
+    overlaid = timm.create_model('hf-hub:user/dropout', pretrained=True, width=0.5, dtype=torch.float64,
+                                 pretrained_cfg_overlay={'mean': (0.1, 0.2, 0.3)})
+    assert {p.dtype for p in overlaid.parameters()} == {torch.float64}   # the dtype and cfg overlay asked for
+    assert tuple(overlaid.pretrained_cfg['mean']) == (0.1, 0.2, 0.3)
     hub.reset_requests()
     with pytest.raises(ValueError) as refused:
         timm.create_model('hf-hub:user/dropout', pretrained=True, width=0.5, drop_rate=0.3, num_classes=5)

@@ -407,12 +407,13 @@ def test_a_private_repo_loads_with_the_token_cache_and_revision_given(snet, hub,
 def test_a_local_folder_names_itself_in_its_errors_and_in_the_models_source(snet, hub, fresh_cache, tmp_path) -> None:
     folder = tmp_path / 'repo'
     shutil.copytree(snapshot_download('user/snet'), folder)
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True, width=1.0)
+    widths = [w['width'] for w in json.loads((folder / 'config.json').read_text())['slim']['widths']]
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True, width=widths[-1])
     assert (model.pretrained_cfg['file'], model.pretrained_cfg['source']) == (str(folder), 'local-dir')
-    (folder / width_filename(0.5)).unlink()
+    (folder / width_filename(widths[0])).unlink()
     with pytest.raises(FileNotFoundError) as missing:
-        timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
-    assert str(missing.value) == f'{folder}: no file {width_filename(0.5)}'
+        timm.create_model(f'local-dir:{folder}', pretrained=True, width=widths[0])
+    assert str(missing.value) == f'{folder}: no file {width_filename(widths[0])}'
 
 
 def test_only_a_cached_blob_is_discarded_and_a_link_whose_blob_is_gone_too(tmp_path) -> None:

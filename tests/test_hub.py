@@ -655,7 +655,7 @@ def test_dsnet_widths_are_plain_timm_models(dsnet, hub, fresh_cache, x) -> None:
     assert json.loads(hub.files('user/dsnet-100')['config.json'])['architecture'] == 'resnet18'
 
 
-def test_dsnet_arguments_that_change_the_weights_are_refused(dsnet, hub, fresh_cache) -> None:
+def test_dsnet_arguments_that_change_the_weights_are_refused(dsnet, usnet, hub, fresh_cache) -> None:
     with pytest.raises(ValueError, match=r"gates are \{.*\}; its weights cannot be loaded with \{'tau': 2\.0\}"):
         timm.create_model('hf-hub:user/dsnet', pretrained=True, tau=2.0)
     with pytest.raises(ValueError, match=r"cannot be loaded with \{'choices': \(0\.5, 1\.0\)\}"):

@@ -185,9 +185,17 @@ def test_fx_in_dynamic_mode_says_why_and_what_to_do(name):
 
 
 def test_forward_features_in_dynamic_mode_is_refused_with_the_alternatives():
-    model = timm.create_model('mobilenetv2_100_ds', num_classes=10, width='dynamic').eval()
-    with pytest.raises(ValueError, match=r"no single result in 'dynamic' mode.*model\(x\).*static width"):
+    model = timm.create_model('mobilenetv2_100_ds', num_classes=10, width='dynamic', choices=(0.35, 0.6, 1.0)).eval()
+    with pytest.raises(ValueError) as error:
         model.forward_features(_images(1))
+    assert str(error.value) == (
+        "forward_features has no single result in 'dynamic' mode: the gates send the inputs through routes of "
+        'different widths, so their features differ in channels. Call model(x) for the dynamic outputs, or use '
+        'forward_features at a static width (timm_slim.set_width(model, 0.35), or one route: '
+        'timm_slim.set_width(model, model.ds.route_width(route)))')
+    timm_slim.calibrate_bn(model, [_images()], widths=[0.35], num_images=4)
+    timm_slim.set_width(model, 0.35)   # the advice works
+    assert model.forward_features(_images(1)).shape[1] == model.num_features
 
 
 def _free_port() -> int:

@@ -87,12 +87,9 @@ def _senet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.pool0(m.layer0(x))
 
 
-def _ghostnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return m.act1(m.bn1(m.conv_stem(x)))
-
-
 # (stem, finish) of ``forward_features`` around the stages, per model family:
-# forward_features = finish(stages(stem(x))), and forward = forward_head(forward_features(x)).
+# forward_features = finish(stages(stem(x))), and forward = forward_head(forward_features(x)). No GhostNet:
+# add_gates refuses it (its concatenated channel groups).
 _FAMILIES = {
     'resnet': (_resnet_stem, _no_finish),
     'resnetv2': (_stem, _resnetv2_finish),
@@ -100,7 +97,6 @@ _FAMILIES = {
     'senet': (_senet_stem, _no_finish),
     'efficientnet': (_efficientnet_stem, _efficientnet_finish),
     'mobilenetv3': (_efficientnet_stem, _no_finish),
-    'ghostnet': (_ghostnet_stem, _no_finish),
 }
 
 

@@ -89,16 +89,21 @@ def test_grouped_equals_per_input_static_and_masked(family, request):
     assert timm_slim.get_width(model) == 'dynamic'
     with torch.no_grad():
         grouped = model(x)
-        routes = ds.last.routes.clone()
+        routes, logits = ds.last.routes.clone(), ds.last.logits.clone()
         assert len({tuple(r) for r in routes.tolist()}) >= 3, 'the test needs inputs that take different routes'
-        alone, alone_routes = [], []
-        for i in range(len(x)):
+        assert logits.shape == (len(x), ds.num_gates, ds.num_choices) and ds.num_gates >= 2
+        assert torch.equal(logits.argmax(-1), routes)
+        alone, alone_routes, alone_logits = [], [], []
+        for i in range(len(x)):   # batch 1: one group, its route and logits recorded as a batch of one
             alone.append(model(x[i:i + 1]))
             alone_routes.append(ds.last.routes)
+            alone_logits.append(ds.last.logits)
         alone = torch.cat(alone)
         assert torch.equal(torch.cat(alone_routes), routes)
+        torch.testing.assert_close(torch.cat(alone_logits), logits, rtol=0, atol=1e-6)
         masked = masked_forward(model, x)
         assert torch.equal(ds.last.routes, routes)
+        torch.testing.assert_close(ds.last.logits, logits, rtol=0, atol=1e-6)
         static = []
         for i, route in enumerate(routes.tolist()):
             with timm_slim.use_width(model, ds.route_width(route)):

@@ -321,7 +321,7 @@ def _grouped_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if len(groups) == 1:
         prefix, _, out, logits = groups[0]
         routes = plans.route_tensor(prefix, x.device).expand(x.shape[0], -1)
-        ds.last = Decisions(routes, logits[0].unsqueeze(1) if len(logits) == 1 else torch.stack(logits, 1))
+        ds.last = Decisions(routes, torch.stack(logits, 1))
         return out
     first = groups[0][2]
     out = first.new_empty((x.shape[0], *first.shape[1:]))

@@ -305,8 +305,10 @@ def test_training_mode_backbone_refused_and_calibrations_kept(mobilenet):
     keys = sorted(mobilenet.blocks[5][0].bn1.calib.keys())
     mobilenet.train()
     try:
-        with pytest.raises(RuntimeError, match='eval mode'):
+        with pytest.raises(RuntimeError) as error:
             mobilenet(_inputs())
+        assert str(error.value) == ("training the gates runs the backbone's BatchNorm in eval mode (Stage II: the "
+                                    'backbone is frozen); call model.eval() and then model.gates.train()')
     finally:
         mobilenet.eval()
     assert sorted(mobilenet.blocks[5][0].bn1.calib.keys()) == keys

@@ -110,7 +110,6 @@ class _Runner:
     """The pieces of one supernet's forward, and its gates, in running order."""
 
     def __init__(self, net: nn.Module) -> None:
-        self.net = net
         self.stem, self.finish = _family(net)
         self.stages = [net.get_submodule(name) for name in net.slim.stages]
         self.gates = {int(stage): gate for stage, gate in net.gates.items()}

@@ -274,6 +274,18 @@ def test_masked_forward_samples_its_decisions_with_the_noise_it_is_given(mobilen
         again = masked_forward(mobilenet, x, noise=50.0)
     assert not torch.equal(noisy, argmax) and torch.equal(mobilenet.ds.last.routes, noisy)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
+    # model(x) with the gates in train mode is the masked forward with the model's own noise
+    default_noise, mobilenet.ds.noise = mobilenet.ds.noise, 50.0
+    mobilenet.gates.train()
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            trained = mobilenet(x)
+    finally:
+        mobilenet.ds.noise = default_noise
+        mobilenet.gates.eval()
+    assert torch.equal(mobilenet.ds.last.routes, noisy)
+    torch.testing.assert_close(trained, first, rtol=0, atol=0)
 
 
 def test_gradients_reach_the_gates_through_the_straight_through_estimator(mobilenet):
@@ -335,6 +347,32 @@ def test_calibrate_routes_needs_gates_and_one_image_and_calibrates_every_route()
         logits = model(image)
     with timm_slim.use_width(model, model.ds.route_width(tuple(model.ds.last.routes[0].tolist()))):
         torch.testing.assert_close(logits, model(image))
+
+
+def _route_statistics(model: nn.Module, loader, **kwargs) -> dict:
+    twin = copy.deepcopy(model)
+    calibrate_routes(twin, loader, **kwargs)
+    return {k: v for k, v in twin.state_dict().items() if '.calib.' in k}
+
+
+def test_calibrate_routes_reads_the_first_num_images_images_256_by_default():
+    """The default is 256 images; a number above calibrate_bn's own default (2,000) is read whole."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_050_ds', num_classes=10, choices=(0.5, 1.0)).eval()
+    images = torch.randn(2010, 3, 8, 8)
+    loader = [images[i:i + 300] for i in range(0, len(images), 300)]
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    default = _route_statistics(model, loader)
+    assert same(default, _route_statistics(model, [images[:256]]))
+    assert not same(default, _route_statistics(model, loader, num_images=257))
+    assert not same(_route_statistics(model, loader, num_images=2010),
+                    _route_statistics(model, loader, num_images=2000))
+    with pytest.raises(ValueError) as refused:
+        calibrate_routes(model, [])
+    assert str(refused.value) == 'calibrate_routes: the loader yielded no images'
 
 
 def test_registered_names():

@@ -198,6 +198,39 @@ def test_routing_caches_follow_weight_updates_and_dtype_moves(resnet):
         hook.remove()
 
 
+def test_routing_builds_its_pieces_once_and_applies_a_plan_only_where_another_route_changed_it(mobilenet):
+    """Switch speed: the runner, the plans and each route's tensor are made once per supernet; a
+    batch of one applies each segment's plan once (the prefixes of its route), and a mixed batch
+    applies a segment's plan again only after another route's plan of that segment."""
+    model = copy.deepcopy(mobilenet)
+    ds = model.ds
+    timm_slim.set_width(model, 'dynamic')
+    x = _inputs()
+    with torch.no_grad():
+        model(x[:1])
+        runner, plans = ds.cache['runner'], ds.cache['plans']
+        applied = []
+        apply = plans.apply
+
+        def recording(segment, prefix):
+            applied.append((segment, prefix))
+            apply(segment, prefix)
+
+        plans.apply = recording
+        model(x[:1])
+        route = tuple(ds.last.routes[0].tolist())
+        assert applied == [(segment, route[:segment]) for segment in range(ds.num_gates + 1)]
+        applied.clear()
+        model(x)
+    routes = {tuple(r) for r in ds.last.routes.tolist()}
+    assert len(routes) >= 3, 'the test needs inputs that take different routes'
+    assert ds.cache['runner'] is runner and ds.cache['plans'] is plans
+    assert {key for key in applied if key[0] == ds.num_gates} == {(ds.num_gates, r) for r in routes}
+    for segment in range(ds.num_gates + 1):
+        prefixes = [prefix for s, prefix in applied if s == segment]
+        assert all(a != b for a, b in zip(prefixes, prefixes[1:])), (segment, prefixes)
+    tensor = plans.route_tensor(route, x.device)
+    assert plans.route_tensor(route, x.device) is tensor and torch.equal(tensor, torch.tensor([route]))
 def test_modes_and_deterministic_evaluation(mobilenet):
     x = _inputs()
     timm_slim.set_width(mobilenet, 'dynamic')

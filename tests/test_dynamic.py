@@ -321,6 +321,23 @@ def test_masked_forward_samples_its_decisions_with_the_noise_it_is_given(mobilen
     torch.testing.assert_close(trained, first, rtol=0, atol=0)
 
 
+def test_the_masked_forward_masks_what_an_activation_makes_of_the_channels_a_route_leaves_out():
+    """A BatchNorm's activation can turn the zeros of the channels a route leaves out into
+    something else (sigmoid: 0.5); the masked forward zeroes them again, so it still computes
+    what the sliced route computes (the ReLU-family activations of timm's models keep 0 at 0)."""
+    model = _gated('mobilenetv2_050_ds', choices=(0.5, 1.0), act_layer='sigmoid')
+    assert model.blocks[1][0].bn1.act(torch.zeros(1)).item() == 0.5
+    x = _inputs()
+    timm_slim.set_width(model, 'dynamic')
+    with torch.no_grad():
+        grouped = model(x)
+        routes = model.ds.last.routes.clone()
+        masked = masked_forward(model, x)
+    assert len(set(routes.flatten().tolist())) == 2, 'the test needs inputs that take both routes'
+    assert torch.equal(model.ds.last.routes, routes)
+    torch.testing.assert_close(masked, grouped, rtol=0, atol=1e-9)
+
+
 def test_gradients_reach_the_gates_through_the_straight_through_estimator(mobilenet):
     model = mobilenet
     timm_slim.set_width(model, 'dynamic')

@@ -27,6 +27,7 @@ from timm_slim.dynamic import add_gates, calibrate_routes, gate_parameters, mask
 from timm_slim.dynamic.cost import parse_target_macs, route_costs
 from timm_slim.dynamic.losses import choice_correctness, complexity_loss, route_macs_of, sgs_loss, sgs_targets
 from timm_slim.dynamic.report import evaluate_dynamic
+from timm_slim.dynamic.routing import straight_through
 from timm_slim.dynamic.train import (
     GateTrainer,
     IEBCriterion,
@@ -336,6 +337,53 @@ def test_the_masked_forward_masks_what_an_activation_makes_of_the_channels_a_rou
     assert len(set(routes.flatten().tolist())) == 2, 'the test needs inputs that take both routes'
     assert torch.equal(model.ds.last.routes, routes)
     torch.testing.assert_close(masked, grouped, rtol=0, atol=1e-9)
+
+
+def test_straight_through_draws_gumbel_max_decisions_and_has_the_gradient_of_the_softmax_at_tau():
+    """Decisions are one-hot ``argmax(logits + noise * g)`` (Gumbel-max: with noise 1 each choice
+    is drawn with its softmax probability, with noise 2 with that of ``logits / 2``); their
+    gradient is that of ``softmax(logits / tau)`` (noise 0: no draw)."""
+    p = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    logits = p.log().repeat(20000, 1)
+    torch.manual_seed(0)
+    for noise, expected in ((1.0, p), (2.0, (p.log() / 2).softmax(0))):
+        hard = straight_through(logits, tau=0.5, noise=noise)
+        assert hard.dtype == torch.float64 and ((hard == 0) | (hard == 1)).all()
+        assert torch.equal(hard.sum(-1), torch.ones(len(logits), dtype=torch.float64))
+        torch.testing.assert_close(hard.mean(0), expected, rtol=0, atol=0.015)
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 3, dtype=torch.float64)
+    decisions = straight_through(logits, tau=0.5, noise=0.0)
+    assert torch.equal(decisions.detach(), nn.functional.one_hot(logits.argmax(-1), 3).double())
+    (decisions * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    ((reference / 0.5).softmax(-1) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=1e-12)
+
+
+def test_masked_forward_at_a_static_width_leaves_the_supernet_at_that_width():
+    """The masks run the layers at full width; afterwards the supernet computes its static width
+    again (it once stayed at full width while ``get_width`` said 0.5)."""
+    model = _gated('mobilenetv2_050_ds', choices=(0.5, 1.0))
+    x = _inputs(n=2)
+    timm_slim.set_width(model, 0.5)
+    assert 'plans' not in model.ds.cache
+    with torch.no_grad():
+        before = model(x)
+        masked_forward(model, x)
+        after = model(x)
+    assert 'plans' in model.ds.cache and timm_slim.get_width(model) == 0.5
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert [layer.active_channels for layer in (model.bn1, model.blocks[6][0].bn1)] == \
+        [timm_slim.channel_table(model, 0.5)[name][1] for name in ('conv_stem', 'blocks.6.0.conv_pw')]
+
+
+def test_dynamic_width_needs_gates_and_names_the_widths_of_a_supernet_without_them():
+    with pytest.raises(ValueError) as refused:
+        timm_slim.set_width(timm.create_model('mobilenetv2_050_slim', num_classes=10), 'dynamic')
+    assert str(refused.value) == (
+        "width 'dynamic' needs a supernet with gates: add them with timm_slim.add_gates(model) or create a "
+        "'<base>_ds' model; a supernet without gates takes a number in [0.25, 1]")
 
 
 def test_gradients_reach_the_gates_through_the_straight_through_estimator(mobilenet):

@@ -225,10 +225,7 @@ class _Plans:
             self.full = [(layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                          for _, layer in slim_layers(net)]
         finally:
-            if previous == DYNAMIC:
-                net.slim.width = DYNAMIC
-            else:
-                set_width(net, previous)
+            set_width(net, previous)
 
     def apply(self, segment: int, prefix: Tuple[int, ...]) -> None:
         for attrs, values in self.settings[segment, prefix]:
@@ -473,9 +470,16 @@ def masked_forward(model: nn.Module, x: torch.Tensor, noise: float = 0.0) -> tor
 
     With ``noise=0`` the decisions are the gates' argmax, as in inference, so (backbone in
     eval mode) the output equals ``model(x)`` in dynamic mode up to float rounding. Gradients
-    reach the gates through the straight-through estimator either way.
+    reach the gates through the straight-through estimator either way. At a static width the
+    supernet is left at that width (the masks run its layers at full width).
     """
-    return _masked_forward(unwrap(model), x, noise)
+    net = unwrap(model)
+    width = get_width(net)
+    try:
+        return _masked_forward(net, x, noise)
+    finally:
+        if width != DYNAMIC:
+            set_width(net, width)
 
 
 def calibrate_routes(model: nn.Module, loader: Iterable, num_images: int = 256) -> int:

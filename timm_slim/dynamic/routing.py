@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.fx import Proxy
 
 from ..batches import first_batches
-from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap
+from ..control import calibrate_bn, get_width, register_width_mode, set_width, unwrap, use_width
 from ..convert import model_family
 from ..features import is_feature_model
 from ..layers import SlimBatchNorm2d, SlimConv2d, SlimGroupNorm, SlimLinear
@@ -209,8 +209,9 @@ class _Plans:
         self.settings: Dict[Tuple[int, Tuple[int, ...]], list] = {}
         self.counts: Dict[Tuple[int, Tuple[int, ...]], Dict[int, int]] = {}
         self._route_tensors: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
-        previous = get_width(net)
-        try:
+        with use_width(net, 1.0):   # and back to the width it found, 'dynamic' too
+            self.full = [(layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
+                         for _, layer in slim_layers(net)]
             for segment in range(ds.num_gates + 1):
                 prefixes: List[Tuple[int, ...]] = [()]
                 for _ in range(segment):
@@ -221,11 +222,6 @@ class _Plans:
                     self.settings[segment, prefix] = [
                         (layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
                         for _, layer in self.segment_layers[segment]]
-            set_width(net, 1.0)
-            self.full = [(layer.__dict__, {a: getattr(layer, a) for a in _WIDTH_ATTRS[type(layer)]})
-                         for _, layer in slim_layers(net)]
-        finally:
-            set_width(net, previous)
 
     def apply(self, segment: int, prefix: Tuple[int, ...]) -> None:
         for attrs, values in self.settings[segment, prefix]:
@@ -474,12 +470,8 @@ def masked_forward(model: nn.Module, x: torch.Tensor, noise: float = 0.0) -> tor
     supernet is left at that width (the masks run its layers at full width).
     """
     net = unwrap(model)
-    width = get_width(net)
-    try:
+    with use_width(net, get_width(net)):   # the masks leave the layers at full width
         return _masked_forward(net, x, noise)
-    finally:
-        if width != DYNAMIC:
-            set_width(net, width)
 
 
 def calibrate_routes(model: nn.Module, loader: Iterable, num_images: int = 256) -> int:

@@ -76,10 +76,10 @@ def test_every_registered_name_converts_and_slims():
             assert model.slim.architecture == SLIM_MODELS[name]
             size = 64 if name.startswith(('ghostnetv2', 'ghostnetv3')) else 32   # their attention pools by 2
             macs = []
-            for width in (0.25, 0.5, 0.75, 1.0):
+            for width in (0.25, 0.5, 1.0):   # three meta forwards: this test is the suite's longest
                 timm_slim.set_width(model, width)
                 macs.append(conv_linear_macs(model, size))
-            assert macs == sorted(set(macs)), f'MACs at 0.25/0.5/0.75/1.0: {macs}'
+            assert macs == sorted(set(macs)), f'MACs at 0.25/0.5/1.0: {macs}'
         except Exception as error:  # collect them all, then report
             failures.append(f'{name}: {error}')
     assert not failures, '\n'.join(failures)

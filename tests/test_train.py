@@ -431,10 +431,13 @@ def test_inplace_distillation_narrow_widths_learn_the_full_widths_soft_predictio
 
     weight = float(distill)
     expected, other = total(weight), total(0.0 if weight else 1.0)
-    # a mix sums more terms: float32 rounding then shows at 1e-6 of the largest gradient (~1e3 here)
+    # a mix sums more terms: float32 rounding (which differs by CPU) then shows at a few 1e-6 of the
+    # largest gradient (~1e3 here)
     scale = 1.0 if weight in (0, 1) else max(expected[n].abs().max().item() for n in names)
     for name in names:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6 * scale, rtol=1e-4)
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5 * scale, rtol=1e-4)
+    # The other rule's gradients fail that same comparison.
+    assert not all(torch.allclose(other[n], expected[n], atol=1e-5 * scale, rtol=1e-4) for n in names)
     # The two rules give far apart gradients, so the comparison above tells them apart.
     gap = sum((expected[n] - other[n]).norm() ** 2 for n in names) ** 0.5
     assert gap > 1e-2 * sum(expected[n].norm() ** 2 for n in names) ** 0.5

@@ -7,18 +7,14 @@ device) at the scaled multiplier. Every count the traced rule gives must equal i
 from __future__ import annotations
 
 import copy
-import inspect
 import pickle
 import random
-import sys
-import warnings
 
 import pytest
 import timm
 
 import timm_slim
 from timm_slim.channel_rule import TimmChannelRule, replay_timm_channels, shared_rule
-from timm_slim.models import SLIM_MODELS
 from timm_slim.width import stage_widths
 
 FAMILIES = ['mobilenetv2_100', 'mobilenetv3_large_100', 'mobilenetv3_small_100', 'efficientnet_b0',
@@ -99,32 +95,3 @@ def test_a_supernet_copies_and_pickles_with_its_rule():
     restored = pickle.loads(pickle.dumps(model.slim.planner))
     assert restored.rule is shared_rule('mobilenetv3_small_100', 10)
     assert restored.counts(0.6) == model.slim.counts(0.6)
-
-
-def _has_multiplier(base: str) -> bool:
-    module = sys.modules[timm.models.model_entrypoint(base).__module__]
-    return any(name.startswith(('_gen_', '_create_')) and {'channel_multiplier', 'width'} & set(
-        inspect.signature(fn).parameters) for name, fn in vars(module).items() if callable(fn))
-
-
-@pytest.mark.slow
-def test_every_registered_timm_rule_model_traces_exactly():
-    bases = sorted({b for b in SLIM_MODELS.values() if _has_multiplier(b)})
-    assert len(bases) > 60
-    failures = []
-    for base in bases:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error')   # a trace that fails its own check against a build warns
-            rule = TimmChannelRule.trace(base, num_classes=10)
-        if rule is None:   # the pruned EfficientNets read their channels from a file: the generic rule
-            assert '_pruned' in base, base
-            continue
-        for width in (0.25, 0.45, 0.8):
-            try:
-                counts = _rule_counts(rule, width)
-            except AssertionError:   # timm's own checks refuse to build EdgeTPU-V2 at this width
-                assert 'edgetpu_v2' in base, base
-                continue
-            if counts != replay_timm_channels(base, width, 10):
-                failures.append(f'{base} at {width}')
-    assert not failures, failures

@@ -734,6 +734,7 @@ def test_a_stage2_step_follows_all_three_losses_through_the_accelerator(small):
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=1, warmup_lr=0.1,
                                        step_on_epochs=False, updates_per_epoch=4)
+    AcceleratorState._reset_state(True)   # a recipe run earlier in this process left its state behind
     accelerator = Recording(mixed_precision='bf16', cpu=True)
     try:
         trainer = GateTrainer(model, optimizer, costs, target_macs=target, sgs_weight=0.5, complexity_weight=0.25,

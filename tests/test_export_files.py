@@ -139,14 +139,15 @@ def test_cli_list_and_export(tmp_path):
     (['export', 'resnet18_slim', '--width', 'half', '-o', 'x.safetensors'], "malformed --width 'half'"),
     (['export', 'missing.safetensors', '--width', '0.5', '-o', 'x.safetensors'], 'file not found'),
 ])
-def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
-    result = subprocess.run([sys.executable, '-m', 'timm_slim.cli', *args], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)
-    assert result.returncode != 0
-    assert 'Traceback' not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and 'Warning' not in line
-             and not line.startswith('  ')]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def test_cli_bad_input_is_one_clear_line(args, message, tmp_path, monkeypatch, capsys):
+    from timm_slim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == '' and len(lines) == 1, captured.err
+    assert lines[0].startswith('timm-slim export: error:') and message in lines[0], lines[0]
 
 
 def test_equal_weights_give_equal_bytes(tmp_path):

@@ -271,3 +271,18 @@ def test_files_of_new_families_round_trip(name, config, tmp_path):
                 assert (supernet(x) - expected).abs().max() < 1e-5
                 if width == config:
                     assert (plain(x) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'efficientnet_b0_gn', 'ghostnet_100', 'mobilenetv3_large_100'])
+def test_a_model_on_the_meta_device_traces_the_channels_it_traces_on_the_cpu(name):
+    """The tracer does not compute norms on the meta device (they keep their input's shape):
+    BatchNorm, GroupNorm and concatenations give the same channel graph as on the CPU."""
+    from timm_slim.channels import trace_channels
+    from timm_slim.convert import model_stages
+
+    model = timm.create_model(name, num_classes=10)
+    with torch.device('meta'):
+        on_meta = timm.create_model(name, num_classes=10)
+    graph = trace_channels(model, model_stages(model))
+    assert trace_channels(on_meta, model_stages(on_meta)) == graph
+    assert graph.norm_group and any(group.parts for group in graph.groups.values()) == (name == 'ghostnet_100')

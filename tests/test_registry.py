@@ -1,8 +1,11 @@
-"""Every registered ``*_slim`` name builds, converts and slims (on the meta device, so it is quick)."""
+"""Every registered ``*_slim`` name builds, converts and slims, and its traced channel rule is timm's."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
+import sys
 
 import pytest
 import timm
@@ -10,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import timm_slim
+from timm_slim.channel_rule import replay_timm_channels, shared_rule
 from timm_slim.models import ALIASES, SLIM_MODELS
 
 
@@ -65,18 +69,62 @@ def test_a_plan_that_does_not_shrink_is_refused():
     assert timm.create_model('mobilenetv2_100_slim', width_range=(0.9, 1.0)).slim.space.low == 0.9
 
 
+def _has_multiplier(base: str) -> bool:
+    module = sys.modules[timm.models.model_entrypoint(base).__module__]
+    return any(name.startswith(('_gen_', '_create_')) and {'channel_multiplier', 'width'} & set(
+        inspect.signature(fn).parameters) for name, fn in vars(module).items() if callable(fn))
+
+
+def _check_traced_rule(base: str) -> None:
+    """timm's channel rule, as the supernet traced it (``shared_rule``), gives exactly the counts of
+    timm's own generator run at 0.25 and 0.6 of the multiplier (``replay_timm_channels``)."""
+    rule = shared_rule(base, 10)
+    if rule is None:   # the pruned EfficientNets read their channels from a file: the generic rule
+        assert '_pruned' in base, f'no traced rule for {base}'
+        return
+    # a trace that fails its own check against a build drops its programs (and warns)
+    assert rule.programs, 'the traced rule failed its check against a build'
+    for width in (0.25, 0.6):
+        try:
+            counts = dict(zip(rule.names, rule.counts(width)))
+        except AssertionError:   # timm's own checks refuse to build EdgeTPU-V2 at this width
+            assert 'edgetpu_v2' in base, base
+            continue
+        assert counts == replay_timm_channels(base, width, 10), f'traced rule at {width}'
+
+
+# Above this many parameters a model's forwards stay on the meta device (see below).
+CPU_FORWARD_MAX_PARAMS = 100_000_000
+
+
 @pytest.mark.slow
 def test_every_registered_name_converts_and_slims():
-    """Every name builds, converts, and its MACs strictly grow from the smallest width to 1.0."""
+    """Every name builds and converts; its MACs strictly grow from the smallest width to 1.0; and
+    where timm's generator has a channel multiplier, the channel rule the supernet traced is timm's.
+
+    The models are built on the meta device (no weights), then given zeroed CPU storage for the
+    forwards: a meta forward runs every op through Python decompositions, 3x slower, except for
+    the largest models (RegNetY-2560, BiT-152x4), whose CPU forwards cost more than that."""
     failures = []
-    for name in sorted(SLIM_MODELS):
+    names = sorted(SLIM_MODELS)
+    rule_bases = {SLIM_MODELS[name] for name in names if _has_multiplier(SLIM_MODELS[name])}
+    assert len(rule_bases) > 60
+    for name in names:
+        base = SLIM_MODELS[name]
         try:
             with torch.device('meta'):
                 model = timm.create_model(name, num_classes=10)
-            assert model.slim.architecture == SLIM_MODELS[name]
+            assert model.slim.architecture == base
+            if base in rule_bases:
+                _check_traced_rule(base)
+            if sum(p.numel() for p in model.parameters()) <= CPU_FORWARD_MAX_PARAMS:
+                model.to_empty(device='cpu')
+                with torch.no_grad():
+                    for tensor in itertools.chain(model.parameters(), model.buffers()):
+                        tensor.zero_()
             size = 64 if name.startswith(('ghostnetv2', 'ghostnetv3')) else 32   # their attention pools by 2
             macs = []
-            for width in (0.25, 0.5, 1.0):   # three meta forwards: this test is the suite's longest
+            for width in (0.25, 0.5, 1.0):
                 timm_slim.set_width(model, width)
                 macs.append(conv_linear_macs(model, size))
             assert macs == sorted(set(macs)), f'MACs at 0.25/0.5/1.0: {macs}'

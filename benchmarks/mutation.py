@@ -130,7 +130,7 @@ def narrowed_config(pyproject: str, run: Run) -> str:
         '[tool.mutmut]',
         'source_paths = ["timm_slim/"]',
         f'only_mutate = {_toml_list(run.modules)}',
-        'also_copy = ["recipes/"]',
+        'also_copy = ["recipes/", "docs/"]',   # tests read docs/families.md's table
         f'pytest_add_cli_args = {_toml_list([*_PYTEST_ARGS, *run.pytest_args])}',
         f'pytest_add_cli_args_test_selection = {_toml_list(run.tests)}',
         'process_isolation = "forkserver"',

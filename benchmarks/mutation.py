@@ -54,6 +54,8 @@ _CHANNEL_TESTS = [
     'tests/test_channel_rule.py',
     'tests/test_families.py::test_every_model_without_a_name_is_refused_naming_the_layer_and_the_reason',
     'tests/test_families.py::test_grouped_convolutions_that_change_the_count_follow_their_input',
+    'tests/test_families.py::test_a_model_on_the_meta_device_traces_the_channels_it_traces_on_the_cpu',
+    'tests/test_families.py::test_only_a_concatenation_along_the_channel_axis_joins_channel_groups',
     *_cases('tests/test_supernet.py::test_coupled_channels_and_fixed_ends', [
         'resnet18', 'mobilenetv2_100', 'ghostnet_100', 'resnext50_32x4d', 'seresnet50', 'ecaresnet26t',
         'efficientnet_b0_gn', 'resnetblur18', 'mobilenetv4_conv_small', 'regnety_002', 'mobilenetv3_large_100',

@@ -286,3 +286,22 @@ def test_a_model_on_the_meta_device_traces_the_channels_it_traces_on_the_cpu(nam
     graph = trace_channels(model, model_stages(model))
     assert trace_channels(on_meta, model_stages(on_meta)) == graph
     assert graph.norm_group and any(group.parts for group in graph.groups.values()) == (name == 'ghostnet_100')
+
+
+def test_only_a_concatenation_along_the_channel_axis_joins_channel_groups():
+    """GhostNet's halves are joined along dim 1 (positionally, by keyword or counted from the end);
+    a concatenation along the batch or a spatial axis, or of flat vectors, joins no channels."""
+    from timm_slim.channels import _concatenates_channels
+
+    images, flat = torch.zeros(2, 3, 4, 4), torch.zeros(6)
+    joined = torch.cat([images, images], 1)
+    assert _concatenates_channels(([images, images], 1), {}, joined)
+    assert _concatenates_channels(([images, images], -3), {}, joined)
+    assert _concatenates_channels(([images, images],), {'dim': 1}, joined)
+    assert not _concatenates_channels(([images, images],), {}, torch.cat([images, images]))   # dim 0
+    assert not _concatenates_channels(([images, images], 2), {}, torch.cat([images, images], 2))
+    assert not _concatenates_channels(([images, images],), {'dim': 3}, torch.cat([images, images], 3))
+    assert not _concatenates_channels(([flat, flat], 0), {}, torch.cat([flat, flat]))
+    assert not _concatenates_channels(([images, images], 1, images), {}, [joined])   # not a tensor out
+    rows = torch.zeros(2, 5)
+    assert _concatenates_channels(([rows, rows], 1), {}, torch.cat([rows, rows], 1))   # a linear layer's features

@@ -178,11 +178,11 @@ class _ChannelTracer(TorchFunctionMode):
         if self.opaque:
             return out   # inside a channel-keeping module: its output takes its input's group
         if func in _CONV_OPS:
-            self._conv(args, kwargs, out)
+            self._conv(args, out)
         elif func in _CAT_OPS and _concatenates_channels(args, kwargs, out):
             self._concat(args[0] if args else kwargs['tensors'], out)
         elif func in _LINEAR_OPS:
-            self._linear(args, kwargs, out)
+            self._linear(args, out)
         elif func in _NORM_OPS:
             self._norm(args, kwargs, out)
         else:
@@ -199,7 +199,7 @@ class _ChannelTracer(TorchFunctionMode):
                 f'not a parameter of an nn.{kind.__name__}, so it cannot be sliced')
         return owner[0]
 
-    def _conv(self, args, kwargs, out) -> None:
+    def _conv(self, args, out) -> None:
         x, weight = args[0], args[1]
         name = self._layer_name(weight, nn.Conv2d)
         module = self.modules[name]
@@ -222,7 +222,7 @@ class _ChannelTracer(TorchFunctionMode):
         self.layer_out[name] = node
         self.label(out, node)
 
-    def _linear(self, args, kwargs, out) -> None:
+    def _linear(self, args, out) -> None:
         x, weight = args[0], args[1]
         name = self._layer_name(weight, nn.Linear)
         self.layer_in[name] = self.label_of(x)

@@ -51,6 +51,7 @@ _GATED_BACKBONE_TESTS = [
 ]
 _NOT_THE_RECIPE = ['-k', 'not recipe_runs_both_stages']   # a 9 s recipe run would join every mutant's tests
 _CHANNEL_TESTS = [
+    'tests/test_channels.py',
     'tests/test_channel_rule.py',
     'tests/test_families.py::test_every_model_without_a_name_is_refused_naming_the_layer_and_the_reason',
     'tests/test_families.py::test_grouped_convolutions_that_change_the_count_follow_their_input',

@@ -197,6 +197,9 @@ class _ChannelTracer(TorchFunctionMode):
             raise UnsupportedModelError(
                 f'unsupported layer {self.where()}: it computes a {kind.__name__} with a weight that is '
                 f'not a parameter of an nn.{kind.__name__}, so it cannot be sliced')
+        if owner[0] in self.layer_out:
+            raise UnsupportedModelError(f'unsupported layer {owner[0]}: it runs more than once in a forward pass '
+                                        f'(shared weights), which the channel tracer does not follow')
         return owner[0]
 
     def _conv(self, args, out) -> None:
@@ -387,18 +390,13 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
 
     for root in tracer.parts:
         concatenation(root)
-    for name, node in tracer.layer_in.items():
+    for name, node in tracer.layer_in.items():   # every node the tracer labels is in a group
         module = modules[name]
-        if node is None:
-            continue
-        root = find(node)
-        if root not in groups:
-            raise UnsupportedModelError(f'layer {name} reads channels that no layer of the model produces')
-        if isinstance(module, nn.Conv2d) and module.groups > 1:
-            _require_divisor(groups, root, module.in_channels // module.groups, name)
+        if node is not None and isinstance(module, nn.Conv2d) and module.groups > 1:
+            _require_divisor(groups, find(node), module.in_channels // module.groups, name)
     for name, node in tracer.norm_in.items():
         module = modules[name]
-        if isinstance(module, nn.GroupNorm) and find(node) in groups:   # whole groups of a fixed width
+        if isinstance(module, nn.GroupNorm):   # whole groups of a fixed width
             if groups[find(node)].parts:
                 raise UnsupportedModelError(f'unsupported layer {name} ({type(module).__name__}): a GroupNorm of '
                                             f'concatenated channels is not implemented')
@@ -427,9 +425,7 @@ def _follow_producers(stage_of: Dict[str, int], groups: Dict[int, Group], tracer
     find = tracer.uf.find
 
     def producing(root: int) -> set:
-        group = groups.get(root)
-        if group is None:
-            return set()
+        group = groups[root]
         stages = {stage_of[p] for p in group.producers}
         for part in group.parts + ((group.derived[0],) if group.derived else ()):
             stages |= producing(part)
@@ -439,7 +435,7 @@ def _follow_producers(stage_of: Dict[str, int], groups: Dict[int, Group], tracer
         group.stages = tuple(sorted(producing(root)))
     followers = {**tracer.norm_in, **{n: v for n, v in tracer.layer_out.items() if n not in tracer.producer_node}}
     for name, node in followers.items():
-        stages = groups[find(node)].stages if find(node) in groups else ()
+        stages = groups[find(node)].stages
         if len(stages) == 1:
             stage_of[name] = stages[0]
 

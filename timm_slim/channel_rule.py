@@ -147,10 +147,7 @@ def _apply(fn: Callable, args: tuple) -> Any:
     """Compute ``fn(*args)`` on the plain values and record it; the result stays symbolic."""
     result = fn(*(_plain(a) for a in args))
     tape = _tape_of(args)
-    index = tape.add(fn, args)
-    if isinstance(result, bool):
-        tape.guards.append((index, result))
-        return result
+    index = tape.add(fn, args)   # no recorded operation returns a bool: comparisons are guards
     if isinstance(result, int):
         return SymInt(result, tape, index)
     if isinstance(result, float):
@@ -189,10 +186,6 @@ def _comparison(fn: Callable) -> Callable:
     return compare
 
 
-def _round(value, ndigits=None):
-    return round(value) if ndigits is None else round(value, ndigits)
-
-
 class _Symbolic:
     """Arithmetic that records itself; mixed into ``int`` and ``float`` below."""
 
@@ -225,7 +218,7 @@ class _Symbolic:
         return _guard(bool, (self,))
 
     def __round__(self, ndigits=None):
-        return _apply(_round, (self, ndigits))
+        return _apply(round, (self, ndigits))   # round(x, None) is round(x)
 
     def __floor__(self):
         return _apply(math.floor, (self,))
@@ -350,9 +343,7 @@ class _Program:
         lines.append(f'    return [{", ".join(results)}]')
         exec(compile('\n'.join(lines), f'<timm channel rule {len(needed)} steps>', 'exec'), namespace)
         self.evaluate: Callable[[float], Optional[List[int]]] = namespace['program']
-        self.num_steps = len(needed)
         self.depends_on_width = any(isinstance(output, _SYMBOLIC) for output in outputs)
-        self.num_guards = len(outcomes)
 
 
 class TimmChannelRule:
@@ -370,6 +361,7 @@ class TimmChannelRule:
         self.programs = [program]
         self.max_programs = max_programs
         self._built: OrderedDict = OrderedDict()   # widths no program fits, built for real (LRU)
+        self.max_built = 256
 
     @classmethod
     def trace(cls, architecture: str, num_classes: int, max_programs: int = _MAX_PROGRAMS) -> Optional[TimmChannelRule]:
@@ -426,7 +418,7 @@ class TimmChannelRule:
         if width not in self._built:
             built = replay_timm_channels(self.architecture, width, self.num_classes)
             self._built[width] = [built[name] for name in self.names]
-            if len(self._built) > 256:
+            if len(self._built) > self.max_built:
                 self._built.popitem(last=False)
         self._built.move_to_end(width)
         return self._built[width]
@@ -434,6 +426,7 @@ class TimmChannelRule:
 
 _RULES: OrderedDict = OrderedDict()
 _RULES_LOCK = threading.Lock()
+_MAX_RULES = 32
 
 
 def shared_rule(architecture: str, num_classes: int) -> Optional[TimmChannelRule]:
@@ -447,7 +440,7 @@ def shared_rule(architecture: str, num_classes: int) -> Optional[TimmChannelRule
     rule = TimmChannelRule.trace(architecture, num_classes)
     with _RULES_LOCK:
         rule = _RULES.setdefault(key, rule)
-        while len(_RULES) > 32:
+        while len(_RULES) > _MAX_RULES:
             _RULES.popitem(last=False)
     return rule
 

@@ -8,6 +8,7 @@ goes on where a stopped run left off. Usage::
     python benchmarks/mutation.py --list          # the runs, their modules and tests
     python benchmarks/mutation.py routing         # one run (a copy in /tmp/timm_slim-mutation-routing)
     python benchmarks/mutation.py engine sampling --children 2
+    python benchmarks/mutation.py download --mutants 'timm_slim.hub.download.x__check_header*'
 
 After a run, ``mutmut results`` and ``mutmut show <name>`` in the copy list and show the survivors.
 """
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument('runs', nargs='*', help=f'runs to do, of: {", ".join(RUNS)}')
     parser.add_argument('--list', action='store_true', help='print the runs and exit')
     parser.add_argument('--children', type=int, default=2, help='mutants tested at once (default: 2, one per core)')
+    parser.add_argument('--mutants', nargs='+', default=[],
+                        help="only these mutants (mutmut's names; * matches any text), e.g. one function's")
     parser.add_argument('--root', type=Path, default=Path(tempfile.gettempdir()),
                         help='where the copies go: ROOT/timm_slim-mutation-<run>')
     args = parser.parse_args()
@@ -175,7 +178,8 @@ def main() -> None:
         prepare(name, tree)
         print(f'== {name} in {tree}', flush=True)
         env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-        subprocess.run([str(mutmut), 'run', '--max-children', str(args.children)], cwd=tree, env=env, check=False)
+        subprocess.run([str(mutmut), 'run', '--max-children', str(args.children), *args.mutants], cwd=tree, env=env,
+                       check=False)
         subprocess.run([str(mutmut), 'results'], cwd=tree, env=env, check=False)
 
 

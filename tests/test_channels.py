@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import EcaModule, StdConv2d
+from timm.layers import BlurPool2d, EcaModule, StdConv2d
 
-from timm_slim.channels import ChannelGraph, UnsupportedModelError, trace_channels
+from timm_slim.channels import ChannelGraph, Group, UnsupportedModelError, dependency_order, trace_channels
 
 
 def _named(graph: ChannelGraph) -> dict:
@@ -217,6 +217,18 @@ class _SlicingSequential(nn.Sequential):
         return super().forward(x)[:, :4]
 
 
+class _FreeFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.free = nn.Conv2d(3, 8, 1), nn.Parameter(torch.zeros(8, 8, 1, 1))
+
+    def forward_features(self, x):
+        return F.conv2d(self.conv(x), self.free)
+
+    def forward_head(self, x):
+        return x
+
+
 class _Classifier(nn.Module):
     """A conv and a linear classifier, with ``forward_head`` computing ``head`` of the features."""
 
@@ -282,6 +294,32 @@ REFUSED = {
              grouped=nn.Conv2d(12, 12, 3, groups=3)),
         'unsupported layer grouped: it reads groups of 4 channels across the parts of a concatenation (6 channels '
         'in one part)'),
+    'a free conv weight outside every module (forward_features)': (
+        _FreeFeatures(),
+        'unsupported layer <model>: it computes a Conv2d with a weight that is not a parameter of an nn.Conv2d, so '
+        'it cannot be sliced'),
+    'a channel-keeping module called with a keyword': (
+        _Net(lambda m, x: m.eca(x=m.conv(x)), conv=nn.Conv2d(3, 8, 1), eca=EcaModule(8)),
+        'unsupported call of eca (EcaModule): a EcaModule is traced through its first positional argument, and it '
+        'has none'),
+    # a grouped conv that changes the count (2 groups: 6 channels in, 12 out each) reads a concatenation
+    # of two 6-channel parts; what reads it in groups of 8 needs 6 * 8 / gcd(12, 8) = 12 of each part
+    'a grouped conv of a derived group across the parts of a concatenation': (
+        _Net(lambda m, x: m.g2(m.g1(_cat(m.a(x), m.b(x)))), a=nn.Conv2d(3, 6, 1), b=nn.Conv2d(3, 6, 1),
+             g1=nn.Conv2d(12, 24, 1, groups=2), g2=nn.Conv2d(24, 24, 1, groups=3)),
+        'unsupported layer g2: it reads groups of 12 channels across the parts of a concatenation (6 channels in '
+        'one part)'),
+    'a GroupNorm of a derived group across the parts of a concatenation': (
+        _Net(lambda m, x: m.norm(m.g1(_cat(m.a(x), m.b(x)))), a=nn.Conv2d(3, 6, 1), b=nn.Conv2d(3, 6, 1),
+             g1=nn.Conv2d(12, 24, 1, groups=2), norm=nn.GroupNorm(3, 24)),
+        'unsupported layer norm: it reads groups of 12 channels across the parts of a concatenation (6 channels in '
+        'one part)'),
+    # a is a part of a concatenation, then coupled with a concatenation of two 2-channel parts
+    'a grouped conv across the parts of a part': (
+        _Net(lambda m, x: (lambda a: [m.g(_cat(a, m.b(x))), a + _cat(m.c(x), m.d(x))])(m.a(x)), a=nn.Conv2d(3, 4, 1),
+             b=nn.Conv2d(3, 4, 1), c=nn.Conv2d(3, 2, 1), d=nn.Conv2d(3, 2, 1), g=nn.Conv2d(8, 8, 1, groups=2)),
+        'unsupported layer g: it reads groups of 4 channels across the parts of a concatenation (2 channels in '
+        'one part)'),
     'a layer run twice': (
         _Net(lambda m, x: m.conv(x) + m.conv(x), conv=nn.Conv2d(3, 8, 1)),
         'unsupported layer conv: it runs more than once in a forward pass (shared weights), which the channel '
@@ -351,3 +389,47 @@ def test_the_trace_leaves_no_hook_and_restores_every_modules_mode(case):
             trace_channels(model, [])
     assert (len(torch_module._global_forward_pre_hooks), len(torch_module._global_forward_hooks)) == hooks
     assert [m.training for m in model.modules()] == [m is not first for m in model.modules()]
+
+
+class _Fused(nn.Module):
+    """A forward that computes its children's conv, BatchNorm and linear itself, with their own
+    weights (a fused block), a GroupNorm without parameters of its own, and a BatchNorm and a
+    BlurPool on the model's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.blur, self.input_norm = BlurPool2d(3, filt_size=3, stride=1), nn.BatchNorm2d(3)
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.conv2d(self.input_norm(self.blur(x)), self.conv.weight, self.conv.bias)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+        return F.linear(F.group_norm(y, 2).mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+def test_layers_computed_by_their_parent_are_traced_as_the_layers_whose_weights_they_use():
+    graph = _named(trace_channels(_Fused(), []))
+    assert graph['layer_in'] == {'conv': None, 'fc': 'conv'} and graph['layer_out'] == {'conv': 'conv', 'fc': 'fc'}
+    assert graph['norm_group'] == {'bn': 'conv'}   # the input's norm and the parameterless GroupNorm have none
+    assert graph['module_out'] == {'': 'fc'} and graph['output_groups'] == ('fc',)
+
+
+def test_a_part_of_a_concatenation_may_be_a_concatenation_and_its_stages_are_its_parts():
+    """``a`` (stage 0) is a part of a concatenation with ``b`` (stage 1), and then coupled with a
+    concatenation of ``c`` and ``d``: the first concatenation spans both stages, its parts' sizes add up."""
+    model = _Net(lambda m, x: (lambda a: [m.dw(_cat(a, m.s1.b(x))), a + _cat(m.s0.c(x), m.s0.d(x))])(m.s0.a(x)),
+                 s0=_Net(None, a=nn.Conv2d(3, 4, 1), c=nn.Conv2d(3, 2, 1), d=nn.Conv2d(3, 2, 1)),
+                 s1=_Net(None, b=nn.Conv2d(3, 6, 1)), dw=nn.Conv2d(10, 10, 3, groups=5))
+    graph = _named(trace_channels(model, ['s0', 's1']))
+    assert graph['groups']['s0.a'] == dict(base=4, producers=['s0.a'], divisor=4, fixed=False, required=1,
+                                           stages=(0,), parts=('s0.c', 's0.d'), derived=None)
+    assert graph['groups']['dw'] == dict(base=10, producers=[], divisor=8, fixed=False, required=1, stages=(0, 1),
+                                         parts=('s0.a', 's1.b'), derived=None)
+    assert graph['stage_of']['dw'] == 1 and graph['groups']['s0.c']['required'] == 2
+
+
+def test_the_groups_that_follow_others_are_ordered_after_them():
+    groups = {0: Group(base=8, derived=(1, 2, 3)), 1: Group(base=4, parts=(2, 3)), 2: Group(base=2),
+              3: Group(base=2), 4: Group(base=6, parts=(0, 2))}
+    follows = lambda group: bool(group.parts) or group.derived is not None   # noqa: E731
+    assert dependency_order(groups, follows) == [1, 0, 4]

@@ -127,23 +127,25 @@ class _ChannelTracer(TorchFunctionMode):
         self.fixed_node = self.uf.add()
         self.derived: Dict[int, Tuple[int, int, int]] = {}   # node -> (input node, in and out per conv group)
         self.parts: Dict[int, Tuple[int, ...]] = {}          # node of a concatenation -> its parts' nodes
-        self.node_base: Dict[int, int] = {}                  # channels of a derived or concatenated node
+        self.node_base: Dict[int, int] = {}                  # channels of a derived node
         self.opaque: List[Optional[int]] = []   # input groups of the channel-keeping modules running now
 
     # -- module stack, for error messages and module outputs ---------------------------------
     def pre_hook(self, module: nn.Module, args) -> None:
-        self.stack.append(self.names.get(id(module), '?'))
+        self.stack.append(self.names.get(id(module)))   # None: a module that is not the model's
         if isinstance(module, CHANNEL_KEEPING):
-            first = args[0] if args else None
-            self.opaque.append(self.label_of(first) if isinstance(first, torch.Tensor) else None)
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise UnsupportedModelError(f'unsupported call of {self.where()}: a {type(module).__name__} is '
+                                            f'traced through its first positional argument, and it has none')
+            self.opaque.append(self.label_of(args[0]))
 
     def post_hook(self, module: nn.Module, args, output) -> None:
-        name = self.stack.pop() if self.stack else '?'
+        name = self.stack.pop()
         if isinstance(module, CHANNEL_KEEPING):
             node = self.opaque.pop()
             if node is not None and isinstance(output, torch.Tensor):
                 self.label(output, node)
-        if isinstance(output, torch.Tensor) and id(output) in self.labels:
+        if name is not None and isinstance(output, torch.Tensor) and id(output) in self.labels:
             self.module_out[name] = self.labels[id(output)]
 
     def running(self) -> Optional[nn.Module]:
@@ -260,7 +262,6 @@ class _ChannelTracer(TorchFunctionMode):
             parts.extend(self.parts.get(node, (node,)))
         node = self.uf.add()
         self.parts[node] = tuple(parts)
-        self.node_base[node] = out.shape[1]
         self.label(out, node)
 
     def merge(self, a: int, b: int) -> int:
@@ -378,18 +379,14 @@ def _build_graph(model: nn.Module, tracer: _ChannelTracer, features_node: Option
     for node, (source, per_in, per_out) in tracer.derived.items():
         groups[find(node)] = Group(base=tracer.node_base[node], derived=(find(source), per_in, per_out))
 
-    def concatenation(root: int) -> Group:   # the tracer keeps a concatenation's parts on its root
-        parts = tuple(find(p) for p in tracer.parts[root])
-        base = sum((concatenation(p) if p in tracer.parts else groups[p]).base for p in parts)
+    for root, parts in tracer.parts.items():   # the tracer keeps a concatenation's parts on its root
+        parts = tuple(find(p) for p in parts)
+        base = sum(groups[p].base for p in parts)   # a part coupled with a concatenation: checked at its root
         group = groups.setdefault(root, Group(base=base))
         if group.base != base:
             raise UnsupportedModelError(f'layer {group.producers[0]} ({group.base} channels) is coupled with a '
                                         f'concatenation of {base}')
         group.parts = parts
-        return group
-
-    for root in tracer.parts:
-        concatenation(root)
     for name, node in tracer.layer_in.items():   # every node the tracer labels is in a group
         module = modules[name]
         if node is not None and isinstance(module, nn.Conv2d) and module.groups > 1:

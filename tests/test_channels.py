@@ -363,6 +363,8 @@ def test_the_logits_may_be_sliced_and_a_model_without_forward_head_is_traced_thr
                    a=nn.Conv2d(3, 8, 1), b=nn.Conv2d(8, 4, 1))
     graph = _named(trace_channels(outputs, []))
     assert graph['output_groups'] == ('a', 'b', -1) and graph['features_group'] == -1
+    outputs.forward_features = lambda x: x   # forward_features alone is no classifier's split: forward runs
+    assert _named(trace_channels(outputs, [])) == graph
     assert not any(group['fixed'] for group in graph['groups'].values())
 
 

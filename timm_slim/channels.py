@@ -165,7 +165,7 @@ class _ChannelTracer(TorchFunctionMode):
         self.labels[id(tensor)] = node
         self.alive.append(tensor)
 
-    def label_of(self, tensor: torch.Tensor) -> Optional[int]:
+    def label_of(self, tensor: Optional[torch.Tensor]) -> Optional[int]:
         node = self.labels.get(id(tensor))
         return None if node is None else self.uf.find(node)
 
@@ -353,7 +353,7 @@ def _trace_at(model: nn.Module, stage_prefixes: Sequence[str], size: int) -> Cha
         for module, mode in modes.items():
             module.training = mode
     returned = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
-    return _build_graph(model, tracer, None if features is None else tracer.label_of(features), stage_prefixes,
+    return _build_graph(model, tracer, tracer.label_of(features), stage_prefixes,
                         [tracer.label_of(t) for t in returned])
 
 

@@ -26,10 +26,13 @@ import torch
 import yaml
 from hub_server import HubServer, configure_hub_env
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, snapshot_download
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import timm_slim
 from timm_slim.cli import main as cli_main
 from timm_slim.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+from timm_slim.export import FORMAT_KEY
 from timm_slim.hub import CorruptFileError, HubError, width_filename
 from timm_slim.layers import SLIM_LAYERS
 
@@ -793,3 +796,77 @@ def test_a_file_is_checked_against_its_listed_size_and_its_own_header(content, s
         assert found is None
     else:
         assert found is not None and re.fullmatch(problem, found), found
+
+
+_SMALL = 'mobilenetv3_small_050'
+
+
+@pytest.fixture(scope='module')
+def small_folder(tmp_path_factory) -> Path:
+    """A local repo of a small US-Net (widths 0.5 and 1.0) and, beside it, files it does not list."""
+    root = tmp_path_factory.mktemp('small')
+    loader = _digits_loader(count=8, batch=4)
+    model = timm.create_model(f'{_SMALL}_slim', num_classes=4)
+    timm_slim.save_for_hub(model, root / 'repo', widths=[0.5, 1.0], calib_loader=loader)
+    timm_slim.save_supernet(timm.create_model(f'{_SMALL}_slim', num_classes=5), root / 'five_classes.safetensors')
+    timm_slim.save_supernet(timm.create_model('mobilenetv3_small_075_slim', num_classes=4), root / 'other.safetensors')
+    timm_slim.save_supernet(timm.create_model(f'{_SMALL}_slim', num_classes=4, width_range=(0.5, 1.0)),
+                            root / 'narrower_space.safetensors')
+    with safe_open(str(root / 'repo' / 'model.safetensors'), framework='pt') as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    header = json.loads(metadata[FORMAT_KEY])
+    header['width_range'] = [2.0, 3.0]   # no valid space
+    save_file(tensors, str(root / 'bad_space.safetensors'), metadata={**metadata, FORMAT_KEY: json.dumps(header)})
+    return root
+
+
+def _folder_holding(small_folder: Path, tmp_path: Path, listed: str, file: Path) -> Path:
+    """A copy of the small repo whose ``listed`` file is ``file``, with config.json's digest of it updated."""
+    folder = tmp_path / 'repo'
+    shutil.copytree(small_folder / 'repo', folder)
+    shutil.copy(file, folder / listed)
+    config = json.loads((folder / 'config.json').read_text())
+    entries = [config['slim']['supernet'], *config['slim']['widths']]
+    entry = next(e for e in entries if e['file'] == listed)
+    entry.update(sha256=hashlib.sha256(file.read_bytes()).hexdigest(), size=file.stat().st_size)
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(('listed', 'file', 'width', 'holds', 'lists'), [
+    ('widths/width_0.5.safetensors', 'repo/widths/width_1.0.safetensors', 0.5,
+     f'{_SMALL} width 1.0 with 4 classes', f'{_SMALL}, 0.5, 4 classes'),
+    ('model.safetensors', 'repo/widths/width_1.0.safetensors', None,
+     f'{_SMALL} width 1.0 with 4 classes', f'{_SMALL}, supernet, 4 classes'),
+    ('model.safetensors', 'five_classes.safetensors', None,
+     f'{_SMALL} supernet with 5 classes', f'{_SMALL}, supernet, 4 classes'),
+    ('model.safetensors', 'other.safetensors', None,
+     'mobilenetv3_small_075 supernet with 4 classes', f'{_SMALL}, supernet, 4 classes'),
+    ('model.safetensors', 'narrower_space.safetensors', None,
+     f'{_SMALL} supernet with 4 classes', f'{_SMALL}, supernet, 4 classes'),
+    ('model.safetensors', 'bad_space.safetensors', None,
+     f'{_SMALL} supernet with 4 classes', f'{_SMALL}, supernet, 4 classes'),
+])
+def test_a_file_whose_header_is_not_what_config_json_lists_is_refused(small_folder, tmp_path, listed, file, width,
+                                                                     holds, lists) -> None:
+    """Intact files (the digests in config.json match them) that hold another width, kind, class
+    count, architecture or width space than config.json lists for them."""
+    folder = _folder_holding(small_folder, tmp_path, listed, small_folder / file)
+    message = (f'{folder}: {listed} holds {holds}, not what config.json lists ({lists}): mismatched widths, gates '
+               f'or architecture')
+    with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True, **({} if width is None else {'width': width}))
+
+
+@pytest.mark.parametrize(('content', 'reason'), [
+    (b'{"slim": ', 'Expecting value: line 1 column 10 (char 9)'),
+    (b'\xff\xfe', "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+])
+def test_a_config_json_that_is_not_json_is_refused_naming_the_repo(hub, fresh_cache, content, reason) -> None:
+    """(timm reads a repo's config.json itself before ``timm.create_model`` reaches timm_slim.)"""
+    api = HfApi()
+    api.create_repo('user/not-json', exist_ok=True)
+    api.create_commit('user/not-json', [CommitOperationAdd('config.json', content)], commit_message='not json')
+    message = f'user/not-json: config.json is not valid JSON ({reason})'
+    with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):
+        timm_slim.load_from_hub('user/not-json', width=0.5)

@@ -170,8 +170,8 @@ def _check_header(files: _Files, path: str, config: RepoConfig, record: FileReco
             config.num_classes:
         gates = f', gates {header.get("gates")}' if header.get('gates') or config.gates else ''
         listed = f', gates {config.gates}' if gates else ''
-        raise ValueError(f'{files.label}: {record.path} holds {header.get("architecture")} '
-                         f'{header.get("kind")} {header.get("width", "")} with {header.get("num_classes")} classes'
+        held = ' '.join(str(header[key]) for key in ('architecture', 'kind', 'width') if header.get(key) is not None)
+        raise ValueError(f'{files.label}: {record.path} holds {held} with {header.get("num_classes")} classes'
                          f'{gates}, not what config.json lists ({config.base}, {record.width or "supernet"}, '
                          f'{config.num_classes} classes{listed}): mismatched widths, gates or architecture')
 

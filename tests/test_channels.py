@@ -220,10 +220,10 @@ class _SlicingSequential(nn.Sequential):
 class _FreeFeatures(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv, self.free = nn.Conv2d(3, 8, 1), nn.Parameter(torch.zeros(8, 8, 1, 1))
+        self.conv = nn.Conv2d(3, 8, 1)
 
     def forward_features(self, x):
-        return F.conv2d(self.conv(x), self.free)
+        return F.conv2d(self.conv(x), torch.zeros(8, 8, 1, 1))   # a weight no module owns
 
     def forward_head(self, x):
         return x
@@ -414,6 +414,15 @@ def test_layers_computed_by_their_parent_are_traced_as_the_layers_whose_weights_
     assert graph['layer_in'] == {'conv': None, 'fc': 'conv'} and graph['layer_out'] == {'conv': 'conv', 'fc': 'fc'}
     assert graph['norm_group'] == {'bn': 'conv'}   # the input's norm and the parameterless GroupNorm have none
     assert graph['module_out'] == {'': 'fc'} and graph['output_groups'] == ('fc',)
+    graph = _named(trace_channels(_Classifier(lambda x: F.group_norm(x, 2)), []))   # outside every module
+    assert graph['norm_group'] == {} and graph['features_group'] == 'conv' and graph['layer_in']['fc'] == 'conv'
+
+
+def test_a_concatenation_of_a_concatenation_is_one_of_all_their_parts():
+    graph = _named(trace_channels(_Net(lambda m, x: _cat(_cat(m.a(x), m.b(x)), m.c(x)), a=nn.Conv2d(3, 2, 1),
+                                       b=nn.Conv2d(3, 4, 1), c=nn.Conv2d(3, 6, 1)), []))
+    assert graph['groups'][''] == dict(base=12, producers=[], divisor=8, fixed=False, required=1, stages=(0,),
+                                       parts=('a', 'b', 'c'), derived=None)
 
 
 def test_a_part_of_a_concatenation_may_be_a_concatenation_and_its_stages_are_its_parts():

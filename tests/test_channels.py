@@ -359,6 +359,11 @@ def test_the_logits_may_be_sliced_and_a_model_without_forward_head_is_traced_thr
     graph = _named(trace_channels(_SlicedLogits(lambda x: x), []))
     assert graph['output_groups'] == (-1,) and graph['features_group'] == 'conv'
     assert graph['groups']['fc']['fixed'] and not graph['groups']['conv']['fixed']
+    conv_head = _SlicedLogits(lambda x: x)
+    conv_head.fc = nn.Conv2d(8, 10, 1)   # a 1x1 conv classifier (ResNetV2's)
+    conv_head.forward_head = lambda x: conv_head.fc(x).mean((2, 3))
+    graph = _named(trace_channels(conv_head, []))
+    assert graph['groups']['fc']['fixed'] and graph['output_groups'] == ('fc',)
     outputs = _Net(lambda m, x: (lambda y: [y, {'b': m.b(y)}, x, y.shape])(m.a(x)),
                    a=nn.Conv2d(3, 8, 1), b=nn.Conv2d(8, 4, 1))
     graph = _named(trace_channels(outputs, []))
@@ -394,32 +399,36 @@ def test_the_trace_leaves_no_hook_and_restores_every_modules_mode(case):
 
 
 class _Fused(nn.Module):
-    """A forward that computes its children's conv, BatchNorm and linear itself, with their own
-    weights (a fused block), a GroupNorm without parameters of its own, and a BatchNorm and a
-    BlurPool on the model's input."""
+    """A forward that computes its children's conv, BatchNorms and linear itself, with their own
+    weights (a fused block; a GroupNorm's by keyword), a GroupNorm without parameters of its own,
+    an add whose other side is a keyword, and a BatchNorm and a BlurPool on the model's input."""
 
     def __init__(self):
         super().__init__()
         self.blur, self.input_norm = BlurPool2d(3, filt_size=3, stride=1), nn.BatchNorm2d(3)
         self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.side, self.gn = nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8)
 
     def forward(self, x):
         y = F.conv2d(self.input_norm(self.blur(x)), self.conv.weight, self.conv.bias)
         y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
-        return F.linear(F.group_norm(y, 2).mean((2, 3)), self.fc.weight, self.fc.bias)
+        y = torch.add(F.group_norm(y, 2), other=F.group_norm(self.side(x), 2, weight=self.gn.weight, bias=self.gn.bias))
+        return F.linear(y.mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
 def test_layers_computed_by_their_parent_are_traced_as_the_layers_whose_weights_they_use():
     graph = _named(trace_channels(_Fused(), []))
-    assert graph['layer_in'] == {'conv': None, 'fc': 'conv'} and graph['layer_out'] == {'conv': 'conv', 'fc': 'fc'}
-    assert graph['norm_group'] == {'bn': 'conv'}   # the input's norm and the parameterless GroupNorm have none
-    assert graph['module_out'] == {'': 'fc'} and graph['output_groups'] == ('fc',)
+    assert graph['layer_in'] == {'conv': None, 'side': None, 'fc': 'conv'}
+    assert graph['layer_out'] == {'conv': 'conv', 'side': 'conv', 'fc': 'fc'}   # the add couples side and conv
+    assert graph['norm_group'] == {'bn': 'conv', 'gn': 'conv'}   # none for the input's and the parameterless norm
+    assert graph['module_out'] == {'side': 'conv', '': 'fc'} and graph['output_groups'] == ('fc',)
     graph = _named(trace_channels(_Classifier(lambda x: F.group_norm(x, 2)), []))   # outside every module
     assert graph['norm_group'] == {} and graph['features_group'] == 'conv' and graph['layer_in']['fc'] == 'conv'
 
 
 def test_a_concatenation_of_a_concatenation_is_one_of_all_their_parts():
-    graph = _named(trace_channels(_Net(lambda m, x: _cat(_cat(m.a(x), m.b(x)), m.c(x)), a=nn.Conv2d(3, 2, 1),
+    graph = _named(trace_channels(_Net(lambda m, x: torch.cat(tensors=[_cat(m.a(x), m.b(x)), m.c(x)], dim=1),
+                                       a=nn.Conv2d(3, 2, 1),
                                        b=nn.Conv2d(3, 4, 1), c=nn.Conv2d(3, 6, 1)), []))
     assert graph['groups'][''] == dict(base=12, producers=[], divisor=8, fixed=False, required=1, stages=(0,),
                                        parts=('a', 'b', 'c'), derived=None)

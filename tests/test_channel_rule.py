@@ -101,8 +101,9 @@ def test_a_trace_that_does_not_reproduce_timm_warns_and_builds_every_width():
     ``max_built`` of them."""
     message = ('timm_slim: the traced channel rule of slim_untraceable_generator does not reproduce timm at width 0.4; '
                'every new width will be built (40-80 ms each)')
-    with pytest.warns(UserWarning, match=f'^{re.escape(message)}$'):
+    with pytest.warns(UserWarning, match=f'^{re.escape(message)}$') as record:
         rule = TimmChannelRule.trace('slim_untraceable_generator', num_classes=10)
+    assert record[0].filename == __file__   # it names the line that asked for the rule
     assert rule.programs == [] and rule.max_programs == 0
     assert _rule_counts(rule, 0.5) == replay_timm_channels('slim_untraceable_generator', 0.5, 10) == {
         'stem': 8, 'head': 20, 'fc': 10}

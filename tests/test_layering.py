@@ -23,7 +23,8 @@ MAX_LINES = 600
 # the layer of the longest name below that is it or a package holding it (the bare package
 # ``timm_slim`` names only its own __init__). docs/architecture.md draws the same table.
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ('foundations', ('timm_slim.width', 'timm_slim.names', 'timm_slim.layers', 'timm_slim.batches')),
+    ('foundations', ('timm_slim.width', 'timm_slim.names', 'timm_slim.meta', 'timm_slim.layers',
+                     'timm_slim.batches')),
     ('core', ('timm_slim.channel_rule', 'timm_slim.channels', 'timm_slim.plan', 'timm_slim.state',
               'timm_slim.control', 'timm_slim.capture', 'timm_slim.features', 'timm_slim.sorting',
               'timm_slim.convert')),

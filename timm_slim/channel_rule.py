@@ -32,9 +32,10 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 from timm.layers import helpers as timm_helpers
+
+from .meta import meta_device
 
 _REPLAY_LOCK = threading.Lock()
 _MAKE_DIVISIBLE = timm_helpers.make_divisible
@@ -92,7 +93,7 @@ def _build_scaled(architecture: str, factor: Any, num_classes: int) -> Optional[
     try:
         for name, fn in generators.items():
             setattr(module, name, _scaled_generator(fn, factor))
-        with torch.device('meta'):
+        with meta_device():
             native = entrypoint(pretrained=False, num_classes=num_classes)
     finally:
         for name, fn in generators.items():

@@ -26,6 +26,7 @@ from .control import get_width, unwrap, use_width
 from .convert import slimmify
 from .dynamic import GATE_ARGS, add_gates
 from .layers import SlimBatchNorm2d, SlimBlurPool2d, SlimGroupNorm
+from .meta import meta_device
 from .state import channel_table, slim_layers
 from .width import Width, format_width
 
@@ -186,7 +187,7 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu'
     if not architecture or not timm.is_model(architecture):
         raise ValueError(f'{os.fspath(path)}: unknown architecture {architecture!r}')
     tensors = load_file(os.fspath(path), device=str(device))
-    with torch.device('meta'):
+    with meta_device():
         base = timm.create_model(architecture, **{**header.get('model_args', {}), 'num_classes': header['num_classes']})
     if header.get('kind') == 'supernet':
         space = {'widths': header['widths']} if 'widths' in header else {'width_range': header['width_range']}

@@ -22,7 +22,6 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
-import torch
 import torch.nn as nn
 from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 from timm.models._features_fx import FeatureGraphNet
@@ -30,6 +29,7 @@ from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
 
 from .channels import ChannelGraph, UnsupportedModelError
+from .meta import meta_device
 from .state import feature_dicts, unwrap
 from .width import Width
 
@@ -86,7 +86,7 @@ class FeatureNames:
                 f'unsupported feature model {type(self.model).__name__}: its pretrained_cfg names no timm '
                 f'architecture ({architecture!r}), so its layers cannot be matched to a classifier; create it '
                 f'with timm.create_model(name, features_only=True)')
-        with torch.device('meta'):
+        with meta_device():
             return timm.create_model(architecture)
 
     def stages(self, base_stages: Sequence[str]) -> Tuple[str, ...]:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 from ..convert import slimmify
 from ..dynamic import GATE_ARGS, add_gates
 from ..layers import BN_KINDS
+from ..meta import meta_device
 from ..names import DS_MODELS, SLIM_MODELS
 from ..width import Width, WidthSpace, format_width, width_key
 
@@ -243,7 +244,6 @@ def _gates(slim: Dict[str, Any], model_args: Dict[str, Any], base: str, num_clas
     """slim.gates and slim.routes of a DS-Net repo, checked by building its gates on the meta device
     (no weights), so that every value ``add_gates`` would refuse is refused before a download."""
     import timm
-    import torch
 
     gates, routes = slim.get('gates'), slim.get('routes')
     if not isinstance(gates, dict) or set(gates) != set(GATE_ARGS):
@@ -257,7 +257,7 @@ def _gates(slim: Dict[str, Any], model_args: Dict[str, Any], base: str, num_clas
                   f'{", ".join(f"{k}={gates[k]!r}" for k in mismatched)}')
     plain = {k: v for k, v in model_args.items() if k not in (*GATE_ARGS, 'widths', 'width_range', 'bn')}
     try:
-        with torch.device('meta'):
+        with meta_device():
             model = timm.create_model(base, **{**plain, 'num_classes': num_classes, 'pretrained': False})
         ds = add_gates(slimmify(model, bn=bn, **space.to_dict()), **gates).ds
     except (ValueError, TypeError) as error:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d
 from timm.layers.padding import pad_same
 
+from ..meta import meta_device
 from .cache import SlicedWeights, copy_weights, slice_weight
 
 # 'SAME' padding reads the input's spatial size: under torch.fx it is one call in the graph
@@ -118,6 +119,6 @@ class SlimConv2d(SlicedWeights, nn.Conv2d):
             kwargs.update(padding=self.padding, eps=self._std_eps)
         elif not self._same_pad:
             kwargs.update(padding=self.padding, padding_mode=self.padding_mode)
-        with torch.device('meta'):
+        with meta_device():
             plain = self._twin_cls(in_channels, out, self.kernel_size, **kwargs)
         return copy_weights(self, plain, out, in_per_group, self._in_index)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..meta import meta_device
 from .cache import SlicedWeights, copy_weights, slice_weight
 
 
@@ -34,6 +35,6 @@ class SlimLinear(SlicedWeights, nn.Linear):
     def twin(self, in_features: int) -> nn.Linear:
         """A plain ``nn.Linear`` of the active width holding a copy of the sliced weights."""
         out = self.out_features if self.out_active is None else self.out_active
-        with torch.device('meta'):
+        with meta_device():
             plain = self._twin_cls(in_features, out, bias=self.bias is not None)
         return copy_weights(self, plain, out, in_features, self.in_index)

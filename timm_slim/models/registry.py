@@ -25,7 +25,6 @@ import re
 from typing import Any, Callable, Optional
 
 import timm
-import torch
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from ..control import set_width
@@ -35,6 +34,7 @@ from ..features import check_out_indices
 from ..hub import create_from_repo
 
 # (ALIASES, the suffixes and supported_base_models are re-exported: they lived here before timm_slim.names)
+from ..meta import meta_device
 from ..names import ALIASES as ALIASES
 from ..names import DS_MODELS, SLIM_MODELS
 from ..names import DS_SUFFIX as DS_SUFFIX
@@ -48,7 +48,7 @@ def _unknown_argument(slim_name: str, base_name: str, error: TypeError) -> Optio
     match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
     if match is None:
         return None
-    with torch.device('meta'):
+    with meta_device():
         model_cls = type(timm.create_model(base_name))
     model_args = [p for p in inspect.signature(model_cls.__init__).parameters if p not in ('self', 'kwargs')]
     return ValueError(
@@ -74,7 +74,7 @@ def _entrypoint(slim_name: str, base_name: str) -> Callable[..., Any]:
             # supernet. See timm_slim.hub.
             return create_from_repo(slim_name, width=width, widths=widths, width_range=width_range, bn=bn, **kwargs)
         if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
-            with torch.device('meta'):
+            with meta_device():
                 num_features = len(timm.create_model(base_name).feature_info)
             check_out_indices(kwargs['out_indices'], num_features, slim_name)
         try:

@@ -128,6 +128,15 @@ def snet(hub: HubServer) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture
+def own_snet_repo(snet: torch.nn.Module, hub: HubServer, request: pytest.FixtureRequest) -> str:
+    """A repo of the test's own, published from ``snet`` as user/snet is: a test that pushes changes
+    leaves user/snet as the other tests read it, in whatever order they run (mutmut reorders them)."""
+    repo = f'user/snet-{request.node.originalname}'
+    timm_slim.push_to_hub(snet, repo, input_size=(3, 32, 32))
+    return repo
+
+
 def test_push_is_one_commit_holding_every_width(hub: HubServer, usnet: torch.nn.Module) -> None:
     files = hub.files('user/usnet')
     assert len(hub.commits('user/usnet')) == 2  # the Hub's initial commit, then ONE commit for the push
@@ -320,42 +329,44 @@ def test_local_folder_with_a_bit_flipped_file_of_the_right_size_is_refused(snet,
         timm.create_model(f'local-dir:{folder}', pretrained=True, width=0.5)
 
 
-def test_repeated_push_makes_a_new_commit_and_old_revision_still_loads(snet, hub, fresh_cache, x) -> None:
+def test_repeated_push_makes_a_new_commit_and_old_revision_still_loads(snet, own_snet_repo, hub, fresh_cache,
+                                                                       x) -> None:
     changed = copy.deepcopy(snet)
     _randomise_bn(changed, 7)
-    first = hub.commits('user/snet')[0]
-    info = timm_slim.push_to_hub(changed, 'user/snet', commit_message='retrained')
-    commits = hub.commits('user/snet')
+    first = hub.commits(own_snet_repo)[0]
+    info = timm_slim.push_to_hub(changed, own_snet_repo, commit_message='retrained')
+    commits = hub.commits(own_snet_repo)
     assert commits[0] == info.oid and commits[1] == first
-    assert [c.title for c in HfApi().list_repo_commits('user/snet')][0] == 'retrained'
-    new = timm.create_model('hf-hub:user/snet', pretrained=True, width=0.5)
-    old = timm.create_model(f'hf-hub:user/snet@{first}', pretrained=True, width=0.5)
+    assert [c.title for c in HfApi().list_repo_commits(own_snet_repo)][0] == 'retrained'
+    new = timm.create_model(f'hf-hub:{own_snet_repo}', pretrained=True, width=0.5)
+    old = timm.create_model(f'hf-hub:{own_snet_repo}@{first}', pretrained=True, width=0.5)
     assert (_outputs(new, x) - _outputs(changed, x, 0.5)).abs().max().item() < 1e-5
     assert (_outputs(old, x) - _outputs(snet, x, 0.5)).abs().max().item() < 1e-5
     assert (_outputs(new, x) - _outputs(old, x)).abs().max().item() > 1e-3
-    old_supernet = timm_slim.load_from_hub('user/snet', revision=first)
+    old_supernet = timm_slim.load_from_hub(own_snet_repo, revision=first)
     assert (_outputs(old_supernet, x, 1.0) - _outputs(snet, x, 1.0)).abs().max().item() < 1e-5
 
 
-def test_server_dying_mid_upload_leaves_repo_at_previous_commit(snet, hub, fresh_cache, x) -> None:
-    before_commits, before_files = hub.commits('user/snet'), hub.files('user/snet')
+def test_server_dying_mid_upload_leaves_repo_at_previous_commit(snet, own_snet_repo, hub, fresh_cache, x) -> None:
+    before_commits, before_files = hub.commits(own_snet_repo), hub.files(own_snet_repo)
     assert width_filename(0.5) in before_files
     changed = copy.deepcopy(snet)
     _randomise_bn(changed, 11)
     hub.fail_next_commits = 1  # the connection drops after the LFS uploads, before the commit lands
+    sent = len(hub.requests)
     with pytest.raises(HubError, match='nothing was published: a push is one commit'):
-        timm_slim.push_to_hub(changed, 'user/snet', widths=[1.0])
-    assert any(method == 'PUT' for method, _ in hub.requests)  # it died after the weights were uploaded
-    assert hub.commits('user/snet') == before_commits and hub.files('user/snet') == before_files
-    model = timm.create_model('hf-hub:user/snet', pretrained=True, width=1.0)
+        timm_slim.push_to_hub(changed, own_snet_repo, widths=[1.0])
+    assert any(method == 'PUT' for method, _ in hub.requests[sent:])  # it died after the weights were uploaded
+    assert hub.commits(own_snet_repo) == before_commits and hub.files(own_snet_repo) == before_files
+    model = timm.create_model(f'hf-hub:{own_snet_repo}', pretrained=True, width=1.0)
     assert (_outputs(model, x) - _outputs(changed, x, 1.0)).abs().max().item() > 1e-3
-    expected = timm_slim.load(timm_slim.hub.download_from_hub('user/snet', 1.0, revision=before_commits[0]))
+    expected = timm_slim.load(timm_slim.hub.download_from_hub(own_snet_repo, 1.0, revision=before_commits[0]))
     assert (_outputs(model, x) - _outputs(expected, x)).abs().max().item() == 0
     # Retried, it lands as one commit, which also deletes the width file no longer published.
-    info = timm_slim.push_to_hub(changed, 'user/snet', widths=[1.0])
-    assert hub.commits('user/snet') == [info.oid, *before_commits]
-    assert width_filename(0.5) not in hub.files('user/snet')
-    model = timm.create_model('hf-hub:user/snet', pretrained=True, width=1.0)
+    info = timm_slim.push_to_hub(changed, own_snet_repo, widths=[1.0])
+    assert hub.commits(own_snet_repo) == [info.oid, *before_commits]
+    assert width_filename(0.5) not in hub.files(own_snet_repo)
+    model = timm.create_model(f'hf-hub:{own_snet_repo}', pretrained=True, width=1.0)
     assert (_outputs(model, x) - _outputs(changed, x, 1.0)).abs().max().item() < 1e-5
 
 

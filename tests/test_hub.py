@@ -823,6 +823,7 @@ def small_folder(tmp_path_factory) -> Path:
     timm_slim.save_supernet(timm.create_model('mobilenetv3_small_075_slim', num_classes=4), root / 'other.safetensors')
     timm_slim.save_supernet(timm.create_model(f'{_SMALL}_slim', num_classes=4, width_range=(0.5, 1.0)),
                             root / 'narrower_space.safetensors')
+    timm_slim.save_supernet(timm.create_model(f'{_SMALL}_ds', num_classes=4, at=(1,)), root / 'gated.safetensors')
     with safe_open(str(root / 'repo' / 'model.safetensors'), framework='pt') as handle:
         metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
     header = json.loads(metadata[FORMAT_KEY])
@@ -857,12 +858,15 @@ def _folder_holding(small_folder: Path, tmp_path: Path, listed: str, file: Path)
      f'{_SMALL} supernet with 4 classes', f'{_SMALL}, supernet, 4 classes'),
     ('model.safetensors', 'bad_space.safetensors', None,
      f'{_SMALL} supernet with 4 classes', f'{_SMALL}, supernet, 4 classes'),
+    ('model.safetensors', 'gated.safetensors', None,   # the gates of either side are named
+     f'{_SMALL} supernet with 4 classes, gates {{gates}}', f'{_SMALL}, supernet, 4 classes, gates None'),
 ])
 def test_a_file_whose_header_is_not_what_config_json_lists_is_refused(small_folder, tmp_path, listed, file, width,
                                                                      holds, lists) -> None:
     """Intact files (the digests in config.json match them) that hold another width, kind, class
-    count, architecture or width space than config.json lists for them."""
+    count, architecture, width space or DS-Net gates than config.json lists for them."""
     folder = _folder_holding(small_folder, tmp_path, listed, small_folder / file)
+    holds = holds.format(gates=timm_slim.read_header(small_folder / file).get('gates'))
     message = (f'{folder}: {listed} holds {holds}, not what config.json lists ({lists}): mismatched widths, gates '
                f'or architecture')
     with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):

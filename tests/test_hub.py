@@ -25,7 +25,7 @@ import timm
 import torch
 import yaml
 from hub_server import HubServer, configure_hub_env
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -171,11 +171,20 @@ def test_push_is_one_commit_holding_every_width(hub: HubServer, usnet: torch.nn.
     assert entries[1]['params'] == sum(p.numel() for p in reference.parameters())
 
 
+def _config_requests(hub: HubServer) -> int:
+    return sum(path.endswith('/config.json') for _, path in hub.requests)
+
+
 def test_timm_loads_one_width_fetching_only_its_file(usnet, hub, fresh_cache, x) -> None:
+    hf_hub_download('user/usnet', 'config.json')   # in the cache: what one more look at it costs
+    hub.reset_requests()
+    hf_hub_download('user/usnet', 'config.json')
+    one_look = _config_requests(hub)
     for width in US_WIDTHS:
         hub.reset_requests()
         model = timm.create_model('hf-hub:user/usnet', pretrained=True, width=width).eval()
         assert _fetched(hub) == {'config.json', width_filename(width)}
+        assert _config_requests(hub) == one_look   # timm's: timm_slim reads the copy timm fetched
         assert not any(isinstance(m, SLIM_LAYERS) for m in model.modules())  # a plain timm model
         assert type(model).__name__ == 'EfficientNet' and tuple(model.pretrained_cfg['mean']) == DIGITS_MEAN
         assert (_outputs(model, x) - _outputs(usnet, x, width)).abs().max().item() < 1e-5

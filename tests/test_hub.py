@@ -510,8 +510,9 @@ def _repo_with_config(hub: HubServer, repo_id: str, edit, source: str = 'user/us
 def test_bad_config_is_refused_before_any_weights_are_fetched(usnet, hub, fresh_cache, edit, message) -> None:
     _repo_with_config(hub, 'user/bad', edit)
     hub.reset_requests()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         timm_slim.load_from_hub('user/bad', width=0.5)
+    assert str(refused.value).startswith('user/bad')   # the repo, named
     assert _fetched(hub) == {'config.json'}
 
 

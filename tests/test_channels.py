@@ -300,8 +300,8 @@ REFUSED = {
         'it cannot be sliced'),
     'a channel-keeping module called with a keyword': (
         _Net(lambda m, x: m.eca(x=m.conv(x)), conv=nn.Conv2d(3, 8, 1), eca=EcaModule(8)),
-        'unsupported call of eca (EcaModule): a EcaModule is traced through its first positional argument, and it '
-        'has none'),
+        'unsupported call of eca (EcaModule): EcaModule modules are traced through their first positional argument, '
+        'and this call has none'),
     # a grouped conv that changes the count (2 groups: 6 channels in, 12 out each) reads a concatenation
     # of two 6-channel parts; what reads it in groups of 8 needs 6 * 8 / gcd(12, 8) = 12 of each part
     'a grouped conv of a derived group across the parts of a concatenation': (

@@ -135,8 +135,8 @@ class _ChannelTracer(TorchFunctionMode):
         self.stack.append(self.names.get(id(module)))   # None: a module that is not the model's
         if isinstance(module, CHANNEL_KEEPING):
             if not args or not isinstance(args[0], torch.Tensor):
-                raise UnsupportedModelError(f'unsupported call of {self.where()}: a {type(module).__name__} is '
-                                            f'traced through its first positional argument, and it has none')
+                raise UnsupportedModelError(f'unsupported call of {self.where()}: {type(module).__name__} modules are '
+                                            f'traced through their first positional argument, and this call has none')
             self.opaque.append(self.label_of(args[0]))
 
     def post_hook(self, module: nn.Module, args, output) -> None:

@@ -1,6 +1,6 @@
 """What does skipping the initialisers save when timm_slim builds models on the meta device? Side by side.
 
-    python benchmarks/meta_build.py                # about 2 minutes on 2 cores
+    python benchmarks/meta_build.py                # under a minute on 2 cores
     python benchmarks/meta_build.py --write-docs   # also rewrite its section of docs/benchmarks.md
 
 (1) ``timm.create_model(name)`` under ``torch.device('meta')`` against under
